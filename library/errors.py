@@ -1,0 +1,30 @@
+"""The one exception type that reaches a user.
+
+Library code raises :class:`UserError` for anything the user can fix (a bad option, a missing or
+malformed file, an incompatible combination). Scripts catch it at the top level, print its message
+on one line prefixed with ``error:`` and exit with status 2, so nobody sees a bare traceback for a
+mistake in their own input.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message says what is wrong and what to do."""
+
+
+def run_cli(main: Callable[[], T]) -> T:
+    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit 2."""
+    try:
+        return main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
