@@ -26,6 +26,9 @@ from library.models.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
+LOGIT_SCALE_KEY = ck.TE2_PREFIX + "logit_scale"
+DEFAULT_LOGIT_SCALE = 4.6052  # ln(100), OpenCLIP's clamped value, as in SDXL base 1.0
+
 # Tensors found in real files that belong to no module: kept verbatim and written back on save.
 KEPT_EXTRAS = (
     ck.TE2_PREFIX + "logit_scale",
@@ -283,7 +286,7 @@ def sai_state_dict(models: sdxl.SDXLModels, dtype: torch.dtype | None = None) ->
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        out[key] = t.to("cpu").contiguous()
+        out[key] = t if t.is_meta else t.to("cpu").contiguous()
 
     out: dict[str, torch.Tensor] = {}
     unet_sd = models.unet.state_dict()
@@ -300,6 +303,9 @@ def sai_state_dict(models: sdxl.SDXLModels, dtype: torch.dtype | None = None) ->
         put(ck.TE2_PREFIX + k, v)
     for k, v in models.extras.items():
         put(k, v)
+    if LOGIT_SCALE_KEY not in out:
+        # Diffusers folders do not carry OpenCLIP's logit_scale; write the value SDXL's TE2 has (ln 100).
+        put(LOGIT_SCALE_KEY, torch.tensor(DEFAULT_LOGIT_SCALE, dtype=torch.float32))
     return out
 
 
@@ -439,8 +445,7 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
     elif str(path).count("/") == 1 and not str(path).startswith((".", "/")):
         models = load_diffusers_folder(_hub_snapshot(str(path)), dtype, device)
     else:
-        raise UserError(f"--pretrained_model_name_or_path: {path} does not exist (a .safetensors/.ckpt file, a "
-                        "diffusers folder or a hub id)")
+        raise UserError(f"{path}: file not found; give a .safetensors/.ckpt file, a diffusers folder or a hub id")
     if vae:
         models.vae = load_vae(vae, dtype, device)
     return models
