@@ -24,13 +24,19 @@ HUBER_SCHEDULES = ("constant", "exponential", "snr")
 SNR_CAP = 1000.0
 
 
-def check_loss_options(loss_type: str, huber_schedule: str = "snr", huber_c: float = 0.1, huber_scale: float = 1.0) -> None:
+def _unknown_schedule(name: str) -> str:
+    return f"--huber_schedule {name!r} is not known; choose one of {', '.join(HUBER_SCHEDULES)}"
+
+
+def check_loss_options(
+    loss_type: str, huber_schedule: str = "snr", huber_c: float = 0.1, huber_scale: float = 1.0
+) -> None:
     """Raise :class:`UserError` for an unknown ``--loss_type`` / ``--huber_schedule`` or bad Huber values."""
     if loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type {loss_type!r} is not known; choose one of {', '.join(LOSS_TYPES)}")
     if loss_type in ("huber", "smooth_l1"):
         if huber_schedule not in HUBER_SCHEDULES:
-            raise UserError(f"--huber_schedule {huber_schedule!r} is not known; choose one of {', '.join(HUBER_SCHEDULES)}")
+            raise UserError(_unknown_schedule(huber_schedule))
         if huber_c <= 0 or huber_scale <= 0:
             raise UserError("--huber_c and --huber_scale must be positive")
 
@@ -38,11 +44,12 @@ def check_loss_options(loss_type: str, huber_schedule: str = "snr", huber_c: flo
 def huber_c_for(
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler,
-    huber_c: float = 0.1,
+    loss_type: str = "huber",
     huber_schedule: str = "snr",
+    huber_c: float = 0.1,
     huber_scale: float = 1.0,
-) -> torch.Tensor:
-    """Per-sample Huber threshold c [B] for ``timesteps`` [B].
+) -> torch.Tensor | None:
+    """Per-sample Huber threshold c [B] for ``timesteps`` [B]; None unless ``loss_type`` is huber/smooth_l1.
 
     * ``constant``: ``huber_c * huber_scale``.
     * ``exponential``: ``huber_scale * exp(-alpha * t)`` with ``alpha = -ln(huber_c) / T``, i.e.
@@ -50,6 +57,8 @@ def huber_c_for(
     * ``snr``: ``(1 - huber_c) / (1 + sigma_t)^2 + huber_c`` with ``sigma_t = sqrt((1 - a_t) / a_t)``
       (``huber_scale`` is not applied, as in sd-scripts).
     """
+    if loss_type not in ("huber", "smooth_l1"):
+        return None
     t = timesteps.to(torch.float32)
     if huber_schedule == "constant":
         return torch.full_like(t, huber_c * huber_scale)
@@ -60,13 +69,13 @@ def huber_c_for(
         alphas = schedule_tables(scheduler, timesteps.device).alphas_cumprod[timesteps.long()]
         sigmas = ((1.0 - alphas) / alphas).sqrt()  # inf at a zero-terminal-SNR step: c -> huber_c
         return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
-    raise UserError(f"--huber_schedule {huber_schedule!r} is not known; choose one of {', '.join(HUBER_SCHEDULES)}")
+    raise UserError(_unknown_schedule(huber_schedule))
 
 
 def elementwise_loss(
-    pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float | torch.Tensor = 0.1
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float | torch.Tensor | None = 0.1
 ) -> torch.Tensor:
-    """Unreduced float32 loss, same shape as ``pred``; ``huber_c`` is a float or a [B] tensor.
+    """Unreduced float32 loss, same shape as ``pred``; ``huber_c`` is a float or a [B] tensor (None: 0.1).
 
     huber: ``2c (sqrt(d^2 + c^2) - c)``; smooth_l1: ``2 (sqrt(d^2 + c^2) - c)``.
     """
@@ -76,7 +85,7 @@ def elementwise_loss(
     if loss_type == "l1":
         return diff.abs()
     if loss_type in ("huber", "smooth_l1"):
-        c = huber_c
+        c = 0.1 if huber_c is None else huber_c
         if isinstance(c, torch.Tensor):
             c = c.to(diff.device, torch.float32).view(-1, *([1] * (diff.ndim - 1)))  # [B, 1, 1, 1]
         smooth = torch.sqrt(diff * diff + c * c) - c
@@ -103,7 +112,7 @@ def per_sample_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     loss_type: str = "l2",
-    huber_c: float | torch.Tensor = 0.1,
+    huber_c: float | torch.Tensor | None = 0.1,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss per sample [B]: the element loss, times ``mask`` if given, averaged over C, H, W.
@@ -121,7 +130,9 @@ def _snr(timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
     return schedule_tables(scheduler, timesteps.device).snr[timesteps.long()]
 
 
-def min_snr_weight(timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float, v_prediction: bool = False) -> torch.Tensor:
+def min_snr_weight(
+    timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float, v_prediction: bool = False
+) -> torch.Tensor:
     """Min-SNR-gamma weights [B]: ``min(SNR, gamma) / SNR`` (epsilon) or ``min(SNR, gamma) / (SNR + 1)`` (v)."""
     snr = _snr(timesteps, scheduler)
     clipped = torch.clamp(snr, max=gamma)
@@ -132,19 +143,25 @@ def _capped_snr(timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tens
     return torch.clamp(_snr(timesteps, scheduler), max=SNR_CAP)
 
 
-def scale_v_pred_loss_like_noise_pred(loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+def scale_v_pred_loss_like_noise_pred(
+    loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler
+) -> torch.Tensor:
     """``--scale_v_pred_loss_like_noise_pred``: ``loss * SNR / (SNR + 1)`` with SNR capped at 1000."""
     snr = _capped_snr(timesteps, scheduler)
     return loss * (snr / (snr + 1.0))
 
 
-def v_pred_like_loss(loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, value: float) -> torch.Tensor:
+def v_pred_like_loss(
+    loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, value: float
+) -> torch.Tensor:
     """``--v_pred_like_loss``: ``loss + loss / scale * value`` with ``scale = SNR / (SNR + 1)`` (SNR capped)."""
     snr = _capped_snr(timesteps, scheduler)
     return loss + loss / (snr / (snr + 1.0)) * value
 
 
-def debiased_estimation_weight(timesteps: torch.Tensor, scheduler: DDPMScheduler, v_prediction: bool = False) -> torch.Tensor:
+def debiased_estimation_weight(
+    timesteps: torch.Tensor, scheduler: DDPMScheduler, v_prediction: bool = False
+) -> torch.Tensor:
     """``--debiased_estimation_loss`` weights [B]: ``1 / sqrt(SNR)`` (epsilon) or ``1 / (SNR + 1)`` (v), SNR capped."""
     snr = _capped_snr(timesteps, scheduler)
     return 1.0 / (snr + 1.0) if v_prediction else torch.rsqrt(snr)

@@ -88,7 +88,9 @@ def _draw(kind: str, shape: tuple[int, ...], device: torch.device, dtype: torch.
     return out.to(device) if out.device != device else out
 
 
-def check_timestep_range(min_timestep: int | None, max_timestep: int | None, num_train_timesteps: int = 1000) -> tuple[int, int]:
+def check_timestep_range(
+    min_timestep: int | None, max_timestep: int | None, num_train_timesteps: int = 1000
+) -> tuple[int, int]:
     """Validate ``--min_timestep`` / ``--max_timestep`` (None: 0 / ``num_train_timesteps``)."""
     low = 0 if min_timestep is None else int(min_timestep)
     high = num_train_timesteps if max_timestep is None else int(max_timestep)
@@ -138,7 +140,9 @@ def _offset_noise(latents: torch.Tensor, noise: torch.Tensor, generator: torch.G
     return (noise.float() + offset * shift).to(noise.dtype)
 
 
-def _pyramid_noise(noise: torch.Tensor, generator: torch.Generator | None, iterations: int, discount: float) -> torch.Tensor:
+def _pyramid_noise(
+    noise: torch.Tensor, generator: torch.Generator | None, iterations: int, discount: float
+) -> torch.Tensor:
     """Add upsampled coarser noise levels (multi-resolution noise) and renormalise to unit std.
 
     Each level shrinks by a random factor in [2, 4); those factors are host-side numbers drawn from
@@ -179,7 +183,9 @@ def noise_like(
     """
     noise = _draw("normal", tuple(latents.shape), latents.device, latents.dtype, generator)
     if noise_offset:
-        noise = _offset_noise(latents, noise, generator, noise_offset, noise_offset_random_strength, adaptive_noise_scale)
+        noise = _offset_noise(
+            latents, noise, generator, noise_offset, noise_offset_random_strength, adaptive_noise_scale
+        )
     if multires_noise_iterations:
         noise = _pyramid_noise(noise, generator, multires_noise_iterations, multires_noise_discount)
     return noise
@@ -205,7 +211,9 @@ def perturb_noise(
     return (noise.float() + gamma * extra).to(noise.dtype)
 
 
-def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """``sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise`` (computed in float32)."""
     tables = schedule_tables(scheduler, latents.device)
     a = _gather(tables.sqrt_alpha, timesteps, latents.ndim)

@@ -1,0 +1,53 @@
+"""What the network trainer needs from an adapter network (LoRA, ControlNet-LLLite, ...).
+
+A ``--network_module`` names a module with a ``create_network(...)`` (and, for ``--dim_from_weights``
+and inference, ``create_network_from_weights(...)``) that returns an object satisfying
+:class:`NetworkProtocol`. The trainer calls only these methods, so any adapter implementing them
+trains, saves and resumes through the same loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class NetworkProtocol(Protocol):
+    """The methods the training loop calls on an adapter network (also an ``nn.Module``)."""
+
+    def apply_to(self, text_encoders: Sequence[torch.nn.Module] | torch.nn.Module | None, unet: torch.nn.Module,
+                 apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Hook the adapter into the base models; parts not applied must not exist afterwards."""
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Set the strength of the adapter's contribution (0 gives the base model)."""
+
+    def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
+                                 default_lr: float) -> tuple[list[dict[str, Any]], list[str]]:
+        """Optimizer parameter groups and one description per group (used in ``lr/<description>`` logs)."""
+
+    def prepare_grad_etc(self, text_encoder: Any, unet: torch.nn.Module) -> None:
+        """Make the adapter's own parameters trainable before the optimizer is built."""
+
+    def on_epoch_start(self, text_encoder: Any, unet: torch.nn.Module) -> None:
+        """Called at the start of every epoch (put the adapter in training mode)."""
+
+    def get_trainable_params(self) -> Iterable[torch.nn.Parameter]:
+        """All parameters that are trained (for gradient clipping and norms)."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Enable checkpointing inside the adapter, if it has any of its own (may be a no-op)."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Mapping[str, torch.Tensor]:
+        """The tensors that make up the saved file, keyed exactly as written."""
+
+    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
+        """Write the adapter to ``file`` (safetensors with metadata, or a torch pickle) atomically."""
+
+    def load_weights(self, file: str) -> Any:
+        """Load weights written by :meth:`save_weights`; unknown keys are an error."""
+
+    def is_mergeable(self) -> bool:
+        """Whether the adapter can be baked into the base weights (``merge_to``)."""
