@@ -163,6 +163,8 @@ _LOGGING = [
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     opt("console_log_file", "Also write the console log to this file.", type=str, default=None),
     flag("console_log_simple", "Plain console log lines (no colours or rich formatting)."),
+    opt("log_every_n_steps", "Read the loss back from the GPU, show it and log it every N steps (each read is a "
+        "host sync; NaN/inf losses are detected at these points).", type=int, default=10),
 ]
 
 
@@ -219,6 +221,11 @@ _FINETUNE = [
     opt("block_lr", "Per-block U-Net learning rates: 23 comma-separated values (0: time/label embed, "
         "1-9: input blocks 0-8, 10-12: mid blocks 0-2, 13-21: output blocks 0-8, 22: out); 0 freezes a "
         "block.", type=str, default=None),
+    flag("ema", "Keep an exponential moving average of the trained weights and save it instead of the raw "
+         "weights."),
+    opt("ema_decay", "EMA decay per update (closer to 1 = slower average).", type=float, default=0.9999),
+    opt("ema_update_every", "Update the EMA every N optimizer steps.", type=int, default=1),
+    flag("ema_on_cpu", "Keep the EMA copy in host memory (saves GPU memory; updates cost a transfer)."),
 ]
 
 

@@ -1,0 +1,307 @@
+"""Options of ``sdxl_gen_img.py`` (sd-scripts' names and defaults) and the image plan that follows from them.
+
+:func:`build_parser` / :func:`parse_args` give the command line; :func:`validate_args` checks it
+before anything heavy is loaded. :func:`plan_jobs` turns prompts (with their inline options) into
+one :class:`ImageJob` per image, with seeds and dynamic prompts resolved, and :func:`batches`
+groups consecutive jobs that can share a U-Net batch. Only plain values leave this module.
+
+sd-scripts options that this generator does not implement (img2img, hires fix, ControlNet-LLLite,
+Deep Shrink, Gradual Latent, interactive mode, ...) are still recognised, so a command line using
+them stops with a one-line error saying so instead of an argparse "unrecognized arguments".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from library.errors import UserError
+from library.inference.prompts import PromptSpec, expand_dynamic_prompts, load_prompt_file, parse_prompt_line
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 0x7FFFFFFF
+
+# sd-scripts options we recognise but do not implement: (option, what it is)
+UNSUPPORTED = (
+    ("interactive", "interactive mode"), ("image_path", "img2img"), ("mask_path", "inpainting"),
+    ("strength", "img2img strength"), ("clip_vision_strength", "CLIP-vision img2img"),
+    ("clip_guidance_scale", "CLIP guidance"), ("clip_image_guidance_scale", "CLIP image guidance"),
+    ("vgg16_guidance_scale", "VGG16 guidance"), ("guide_image_path", "guide images"),
+    ("control_net_lllite_models", "ControlNet-LLLite"), ("control_net_models", "ControlNet"),
+    ("control_net_multipliers", "ControlNet"), ("control_net_ratios", "ControlNet"),
+    ("highres_fix_scale", "hires fix"), ("highres_fix_steps", "hires fix"),
+    ("highres_fix_strength", "hires fix"), ("highres_fix_save_1st", "hires fix"),
+    ("highres_fix_latents_upscaling", "hires fix"), ("highres_fix_upscaler", "hires fix"),
+    ("highres_fix_upscaler_args", "hires fix"), ("highres_fix_disable_control_net", "hires fix"),
+    ("ds_depth_1", "Deep Shrink"), ("ds_timesteps_1", "Deep Shrink"), ("ds_depth_2", "Deep Shrink"),
+    ("ds_timesteps_2", "Deep Shrink"), ("ds_ratio", "Deep Shrink"),
+    ("gradual_latent_timesteps", "Gradual Latent"), ("gradual_latent_ratio", "Gradual Latent"),
+    ("gradual_latent_ratio_step", "Gradual Latent"), ("gradual_latent_every_n_steps", "Gradual Latent"),
+    ("gradual_latent_s_noise", "Gradual Latent"), ("gradual_latent_unsharp_params", "Gradual Latent"),
+    ("network_regional_mask_max_color_codes", "regional LoRA"),
+)
+
+
+def _add_core(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", type=str, default=None,
+                   help="SDXL checkpoint: .safetensors/.ckpt file or diffusers folder")
+    g.add_argument("--vae", type=str, default=None, help="use this VAE instead of the checkpoint's")
+    g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="folder to read/write the tokenizers")
+    g.add_argument("--v_parameterization", action="store_true", help="the model predicts v (v-pred SDXL finetunes)")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
+    g.add_argument("--textual_inversion_embeddings", type=str, nargs="*", default=None,
+                   help="SDXL embedding files ({clip_l, clip_g}); the trigger word is the file name")
+    g = p.add_argument_group("prompts and output")
+    g.add_argument("--prompt", type=str, default=None, help="the prompt (inline options such as --n --w --d allowed)")
+    g.add_argument("--from_file", type=str, default=None, help="prompt file: .txt (one per line), .toml or .json")
+    g.add_argument("--outdir", type=str, default="outputs", help="folder for the images (default: outputs)")
+    g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, ...")
+    g.add_argument("--use_original_file_name", action="store_true", help="(img2img only; accepted for compatibility)")
+    g.add_argument("--no_preview", action="store_true", help="(interactive mode only; accepted for compatibility)")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times")
+    g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch (default 1)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=3,
+                   help="prompt length limit in 75-token windows (default 3 = 225 tokens)")
+    g.add_argument("--clip_skip", type=int, default=None,
+                   help="ignored for SDXL (it always uses the penultimate layer)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--W", type=int, default=1024, help="image width (default 1024)")
+    g.add_argument("--H", type=int, default=1024, help="image height (default 1024)")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    g.add_argument("--scale", type=float, default=7.5, help="CFG scale (default 7.5; <= 1 disables guidance)")
+    g.add_argument("--negative_scale", type=float, default=None, help="separate guidance scale of the negative prompt")
+    g.add_argument("--sampler", type=str, default="ddim", help="sampler (default ddim); see docs/gen_img.md")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image; the others follow from it")
+    g.add_argument("--iter_same_seed", action="store_true", help="every --n_iter iteration reuses the same seeds")
+    g.add_argument("--original_width", type=int, default=None, help="SDXL original-size conditioning (default W)")
+    g.add_argument("--original_height", type=int, default=None, help="SDXL original-size conditioning (default H)")
+    g.add_argument("--original_width_negative", type=int, default=None, help="original width for the negative")
+    g.add_argument("--original_height_negative", type=int, default=None, help="original height for the negative")
+    g.add_argument("--crop_top", type=int, default=None, help="SDXL crop conditioning, top (default 0)")
+    g.add_argument("--crop_left", type=int, default=None, help="SDXL crop conditioning, left (default 0)")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision and memory")
+    g.add_argument("--fp16", action="store_true", help="U-Net and text encoders in fp16 (the VAE stays fp32)")
+    g.add_argument("--bf16", action="store_true", help="U-Net, text encoders and VAE in bf16")
+    g.add_argument("--no_half_vae", action="store_true", help="decode with the VAE in fp32")
+    g.add_argument("--xformers", action="store_true", help="accepted; PyTorch SDPA attention is always used")
+    g.add_argument("--sdpa", action="store_true", help="accepted; PyTorch SDPA attention is always used")
+    g.add_argument("--diffusers_xformers", action="store_true", help="accepted; SDPA is always used")
+    g.add_argument("--opt_channels_last", action="store_true", help="U-Net in channels-last memory format")
+    g.add_argument("--vae_batch_size", type=float, default=None,
+                   help="images per VAE decode (a value < 1 is a fraction of --batch_size)")
+    g.add_argument("--vae_slices", type=int, default=None, help="accepted; ignored (decode is batched instead)")
+    g.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
+
+
+def _add_networks(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("networks (LoRA)")
+    g.add_argument("--network_module", type=str, nargs="*", default=None, help="module per network (networks.lora)")
+    g.add_argument("--network_weights", type=str, nargs="*", default=None, help="network files")
+    g.add_argument("--network_mul", type=float, nargs="*", default=None, help="multiplier per network (default 1)")
+    g.add_argument("--network_args", type=str, nargs="*", default=None,
+                   help="per network: 'key=value;key=value' passed to create_network_from_weights")
+    g.add_argument("--network_show_meta", action="store_true", help="print each network file's metadata")
+    g.add_argument("--network_merge", action="store_true", help="bake the networks into the weights (no --am)")
+    g.add_argument("--network_merge_n_models", type=int, default=None, help="bake only the first N networks")
+    g.add_argument("--network_pre_calc", action="store_true", help="accepted; networks are applied on the fly")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sdxl_gen_img.py`` argument parser (sd-scripts option names and defaults)."""
+    p = argparse.ArgumentParser(prog="sdxl_gen_img.py", description="SDXL text-to-image generation")
+    _add_core(p)
+    _add_sampling(p)
+    _add_precision(p)
+    _add_networks(p)
+    g = p.add_argument_group("recognised sd-scripts options that are not supported (an error if given)")
+    for name, what in UNSUPPORTED:
+        g.add_argument(f"--{name}", nargs="*", default=None, help=f"not supported ({what})")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line."""
+    return build_parser().parse_args(argv)
+
+
+def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the options before loading anything; raise :class:`UserError` with a one-line reason."""
+    for name, what in UNSUPPORTED:
+        if getattr(args, name) is not None:
+            raise UserError(f"--{name} ({what}) is not supported by this sdxl_gen_img.py yet; "
+                            "see docs/gen_img.md for what is")
+    if not args.ckpt:
+        raise UserError("--ckpt is required (an SDXL .safetensors/.ckpt file or a diffusers folder)")
+    if not Path(args.ckpt).exists():
+        raise UserError(f"--ckpt: {args.ckpt} not found")
+    if args.vae and not Path(args.vae).exists():
+        raise UserError(f"--vae: {args.vae} not found")
+    if args.prompt is None and args.from_file is None:
+        raise UserError("give --prompt or --from_file (interactive mode is not supported)")
+    if args.prompt is not None and args.from_file is not None:
+        raise UserError("give either --prompt or --from_file, not both")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 are exclusive")
+    _check_positive(args, ("images_per_prompt", "n_iter", "batch_size", "steps", "max_embeddings_multiples",
+                           "W", "H", "network_merge_n_models"))
+    from library.inference.samplers import canonical_sampler_name
+
+    args.sampler = canonical_sampler_name(args.sampler)
+    for file in (args.textual_inversion_embeddings or []) + (args.network_weights or []):
+        if not Path(file).is_file():
+            raise UserError(f"{file} not found (--textual_inversion_embeddings / --network_weights)")
+    if args.network_mul and len(args.network_mul) > len(args.network_weights or []):
+        raise UserError(f"--network_mul has {len(args.network_mul)} values for "
+                        f"{len(args.network_weights or [])} --network_weights files")
+    if args.vae_batch_size is not None and args.vae_batch_size <= 0:
+        raise UserError("--vae_batch_size must be positive")
+    if args.clip_skip is not None:
+        logger.warning("--clip_skip is ignored: SDXL always uses the penultimate text-encoder layers")
+    if args.vae_slices is not None:
+        logger.warning("--vae_slices is ignored; use --vae_batch_size to lower VAE memory")
+
+
+def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[PromptSpec]:
+    """The prompt specs of ``--prompt`` (one line with inline options) or ``--from_file``."""
+    specs = [parse_prompt_line(prompt)] if prompt is not None else load_prompt_file(from_file)
+    if not specs:
+        raise UserError(f"{from_file}: no prompts found")
+    return specs
+
+
+_IGNORED_FIELDS = ("strength", "clip_prompt", "ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2",
+                   "ds_ratio", "gradual_latent_timesteps", "gradual_latent_ratio", "gradual_latent_every_n_steps",
+                   "gradual_latent_ratio_step", "gradual_latent_s_noise", "gradual_latent_unsharp_params")
+
+
+@dataclass
+class ImageJob:
+    """One image to generate: its prompt spec (defaults filled in, dynamic prompts resolved) and seed."""
+
+    spec: PromptSpec
+    seed: int
+
+    def batch_key(self) -> tuple:
+        """Settings that must be equal for images to share a U-Net batch."""
+        s = self.spec
+        return (s.width, s.height, s.steps, s.scale, s.negative_scale, s.sampler, s.original_width,
+                s.original_height, s.original_width_negative, s.original_height_negative, s.crop_top, s.crop_left,
+                tuple(s.network_multipliers or ()))
+
+
+class _SeedStream:
+    """``first`` and then seeds drawn from ``random.Random(first)``; can restart (``--iter_same_seed``)."""
+
+    def __init__(self, first: int):
+        self.first = first
+        self.restart()
+
+    def restart(self) -> None:
+        self._rng = random.Random(self.first)
+        self._started = False
+
+    def next(self) -> int:
+        if not self._started:
+            self._started = True
+            return self.first
+        return self._rng.randint(0, MAX_SEED)
+
+
+def _image_prompts(spec: PromptSpec, count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """(prompt, negative) per image: an enumeration {e$$..} gives one image per variant; random picks
+    are drawn again for every image."""
+    variants = expand_dynamic_prompts(spec.prompt, rng)
+    if len(variants) > 1:
+        return [(v, expand_dynamic_prompts(spec.negative_prompt or "", rng)[0]) for v in variants]
+    result = [(variants[0], expand_dynamic_prompts(spec.negative_prompt or "", rng)[0])]
+    for _ in range(count - 1):
+        result.append((expand_dynamic_prompts(spec.prompt, rng)[0],
+                       expand_dynamic_prompts(spec.negative_prompt or "", rng)[0]))
+    return result
+
+
+def plan_jobs(specs: Sequence[PromptSpec], images_per_prompt: int = 1, n_iter: int = 1, seed: Optional[int] = None,
+              iter_same_seed: bool = False) -> list[ImageJob]:
+    """One job per image, in generation order (iteration, prompt, image).
+
+    ``specs`` must already have their defaults filled (:meth:`PromptSpec.with_defaults`). Seeds: a
+    prompt's own ``--d`` seeds come first (one image per seed, at least ``images_per_prompt``
+    images); the rest come from one stream that starts with ``seed`` itself (random when None)
+    and continues with ``random.Random(seed)``; ``iter_same_seed`` restarts it every iteration.
+    """
+    stream = _SeedStream(seed if seed is not None else random.randint(0, MAX_SEED))
+    prompt_rng = random.Random(seed)
+    jobs: list[ImageJob] = []
+    warned: set[str] = set()
+    for iteration in range(n_iter):
+        if iteration and iter_same_seed:
+            stream.restart()
+        for spec in specs:
+            for name in _IGNORED_FIELDS:
+                if getattr(spec, name) is not None and name not in warned:
+                    warned.add(name)
+                    logger.warning("prompt option for %s is not supported and is ignored", name)
+            own = list(spec.seeds or [])
+            for i, (prompt, negative) in enumerate(_image_prompts(spec, max(images_per_prompt, len(own)), prompt_rng)):
+                image_seed = own[i] if i < len(own) else stream.next()
+                jobs.append(ImageJob(dataclasses.replace(spec, prompt=prompt, negative_prompt=negative,
+                                                         seeds=[image_seed]), image_seed))
+    return jobs
+
+
+def batches(jobs: Sequence[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
+    """Consecutive runs of jobs with equal :meth:`ImageJob.batch_key`, at most ``batch_size`` each."""
+    current: list[ImageJob] = []
+    for job in jobs:
+        if current and (len(current) >= batch_size or job.batch_key() != current[0].batch_key()):
+            yield current
+            current = []
+        current.append(job)
+    if current:
+        yield current
+
+
+def image_params(job: ImageJob, common: dict[str, Any]) -> dict[str, Any]:
+    """The parameters written into the PNG (png_metadata's names) for one generated image."""
+    s = job.spec
+    params = dict(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=job.seed, sampler=s.sampler,
+                  steps=s.steps, scale=s.scale, negative_scale=s.negative_scale, width=s.width, height=s.height,
+                  original_width=s.original_width, original_height=s.original_height,
+                  original_width_negative=s.original_width_negative,
+                  original_height_negative=s.original_height_negative, crop_top=s.crop_top, crop_left=s.crop_left)
+    if s.raw_prompt and s.raw_prompt != s.prompt:
+        params["raw_prompt"] = s.raw_prompt
+    if s.network_multipliers is not None:
+        params["network_multipliers"] = list(s.network_multipliers)
+    params.update(common)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def vae_batch(vae_batch_size: Optional[float], batch_size: int) -> Optional[int]:
+    """Images per VAE decode: ``--vae_batch_size`` as a count, or a fraction (< 1) of ``batch_size``."""
+    if vae_batch_size is None:
+        return None
+    if vae_batch_size < 1:
+        return max(1, int(batch_size * vae_batch_size))
+    return int(vae_batch_size)

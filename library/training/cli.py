@@ -1,0 +1,44 @@
+"""Glue the trainer scripts share between the parsed namespace and the library (the script boundary)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from library.training.config import TrainConfig
+
+
+def configure_logging(ns: Any) -> None:
+    """Console logging from --console_log_level / --console_log_file."""
+    level = getattr(logging, (getattr(ns, "console_log_level", None) or "INFO").upper())
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if getattr(ns, "console_log_file", None):
+        handlers.append(logging.FileHandler(ns.console_log_file, encoding="utf-8"))
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    for noisy in ("transformers", "accelerate", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.getLogger("diffusers").setLevel(max(level, logging.ERROR))  # its dtype-cast notices are noise here
+
+
+def build_data(ns: Any, cfg: TrainConfig, allowed_kinds=None):
+    """The dataset group from --dataset_config or the command-line dataset options.
+
+    Every image is scanned here, so bad files are reported before any model loads.
+    """
+    from library.data.dataset import build_dataset_group
+
+    values = dict(vars(ns))
+    return build_dataset_group(values, allowed_kinds=allowed_kinds)
+
+
+def make_sampler_callback(ns: Any) -> Callable | None:
+    """The sample-image callback when --sample_prompts is given (None otherwise)."""
+    if not getattr(ns, "sample_prompts", None):
+        return None
+    from library.training.sampling import SampleOptions, sample_images
+
+    opts = SampleOptions(prompts_file=ns.sample_prompts, sampler=ns.sample_sampler, output_name=ns.output_name)
+
+    def callback(run, epoch: int, step: int) -> None:
+        sample_images(run, opts, epoch=epoch, step=step)
+    return callback

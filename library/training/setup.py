@@ -1,0 +1,143 @@
+"""Everything between parsed options and the first step: models in the right dtypes, caches filled.
+
+The order keeps memory low: models load on the CPU (or straight to the GPU with ``--lowram``),
+the VAE visits the GPU only to fill the latent cache, the text encoders only to fill theirs, and
+whatever is frozen afterwards is stored in the mixed-precision dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from library.data.cache import LatentCacheOptions, TextEncoderCacheOptions
+from library.diffusion.conditioning import TextConditioner
+from library.models.checkpoint_io import load_sdxl
+from library.models.sdxl import SDXLModels
+from library.models.tokenizers import load_tokenizers
+from library.training.config import TrainConfig
+from library.training.trainer import DTYPES, TrainingRun, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+def vae_dtype_for(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:
+    """fp32 unless asked otherwise: the SDXL VAE overflows in fp16 (black images, sd-scripts #952).
+
+    bf16 has fp32's range, so a bf16 run keeps a bf16 VAE unless ``--no_half_vae``.
+    """
+    if cfg.no_half_vae or weight_dtype != torch.bfloat16:
+        return torch.float32
+    return torch.bfloat16
+
+
+def text_encoder_fn(cfg: TrainConfig, conditioner: TextConditioner) -> Callable[[Sequence[str]], tuple]:
+    """captions -> (context, pooled) with or without A1111 weights (``--weighted_captions``)."""
+    if not cfg.weighted_captions:
+        return conditioner.encode
+    from library.inference.weighting import encode_weighted_prompt
+
+    def encode(captions: Sequence[str]):
+        return encode_weighted_prompt((conditioner.tokenizer1, conditioner.tokenizer2),
+                                      (conditioner.text_encoder1, conditioner.text_encoder2), captions,
+                                      cfg.max_token_length)
+    return encode
+
+
+def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
+    """Fill the latent and text-encoder caches the options ask for, moving each model to the GPU only then."""
+    cfg, data, models, device = run.cfg, run.data, run.models, run.device
+    acc = run.accelerator
+    if cfg.cache_latents or cfg.cache_latents_to_disk:
+        vae_dtype = vae_dtype_for(cfg, run.weight_dtype)
+        models.vae.to(device, vae_dtype)
+
+        @torch.no_grad()
+        def encode_images(images: torch.Tensor) -> torch.Tensor:
+            return models.vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
+
+        vae_id = f"{cfg.vae or cfg.pretrained_model_name_or_path}|{str(vae_dtype)}"
+        opts = LatentCacheOptions(vae_dtype=str(vae_dtype).replace("torch.", ""), vae_batch_size=cfg.vae_batch_size,
+                                  to_disk=cfg.cache_latents_to_disk, skip_cache_check=cfg.skip_cache_check,
+                                  show_progress=acc.is_local_main_process)
+        data.cache_latents(encode_images, vae_id, opts, process_index=acc.process_index,
+                           num_processes=acc.num_processes)
+        acc.wait_for_everyone()
+        models.vae.to("cpu")
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        width1 = models.text_encoder1.config.hidden_size
+        for te in (models.text_encoder1, models.text_encoder2):
+            te.to(device, run.weight_dtype)
+
+        @torch.no_grad()
+        def encode_captions(captions: Sequence[str]):
+            with acc.autocast():
+                context, pooled = encode_text(captions)
+            return (context[..., :width1].float().cpu(), context[..., width1:].float().cpu(), pooled.float().cpu())
+
+        te_id = f"{cfg.pretrained_model_name_or_path}|weighted={cfg.weighted_captions}"
+        opts = TextEncoderCacheOptions(batch_size=max(cfg.vae_batch_size, 8),
+                                       to_disk=cfg.cache_text_encoder_outputs_to_disk,
+                                       skip_cache_check=cfg.skip_cache_check, weighted_captions=cfg.weighted_captions,
+                                       show_progress=acc.is_local_main_process)
+        data.cache_text_encoder_outputs(encode_captions, te_id, opts, process_index=acc.process_index,
+                                        num_processes=acc.num_processes)
+        acc.wait_for_everyone()
+        for te in (models.text_encoder1, models.text_encoder2):
+            te.to("cpu", torch.float32)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def place_frozen_models(run: TrainingRun, trains_unet: bool, trains_text_encoders: bool) -> None:
+    """Move what the step needs to the device in its training dtype."""
+    cfg, models, device = run.cfg, run.models, run.device
+    full_low = cfg.full_bf16 or cfg.full_fp16
+    unet_dtype = run.weight_dtype if (not trains_unet or full_low) else torch.float32
+    models.unet.to(device, unet_dtype)
+    te_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    if not te_cached:
+        te_dtype = run.weight_dtype if (not trains_text_encoders or full_low) else torch.float32
+        for te in (models.text_encoder1, models.text_encoder2):
+            te.to(device, te_dtype)
+    latents_cached = cfg.cache_latents or cfg.cache_latents_to_disk
+    if not latents_cached:
+        models.vae.to(device, vae_dtype_for(cfg, run.weight_dtype))
+
+
+def create_run(cfg: TrainConfig, data) -> TrainingRun:
+    """Load the model, build the accelerator, the conditioner and the caption encoder."""
+    acc = make_accelerator(cfg)
+    if cfg.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+    weight_dtype = DTYPES[cfg.weight_dtype_name]
+    load_device = acc.device if cfg.lowram else "cpu"
+    models: SDXLModels = load_sdxl(cfg.pretrained_model_name_or_path, dtype=torch.float32, device=load_device,
+                                   vae=cfg.vae, mmap=not cfg.disable_mmap_load_safetensors)
+    tok1, tok2 = load_tokenizers(cfg.tokenizer_cache_dir)
+    conditioner = TextConditioner(tok1, tok2, models.text_encoder1, models.text_encoder2, cfg.max_token_length)
+    run = TrainingRun(cfg=cfg, models=models, conditioner=conditioner, data=data, accelerator=acc,
+                      weight_dtype=weight_dtype)
+    run.encode_text = text_encoder_fn(cfg, conditioner)
+    return run
+
+
+def run_training(cfg: TrainConfig, data, method, sampler: Callable | None = None):
+    """Load, cache, place, set up the method and train; returns the final saved path (main process)."""
+    from library.training.methods import apply_fp8
+    from library.training.trainer import Trainer
+
+    run = create_run(cfg, data)
+    fill_caches(run, run.encode_text)
+    place_frozen_models(run, method.trains_unet, method.trains_text_encoders)
+    if cfg.fp8_base:
+        apply_fp8(run.models.unet)
+    if cfg.torch_compile:
+        run.models.unet = torch.compile(run.models.unet, backend=cfg.dynamo_backend)
+    trainer = Trainer(run, method, sampler)
+    trainer.setup()
+    return trainer.train()

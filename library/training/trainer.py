@@ -1,0 +1,338 @@
+"""The one training loop every trainer runs; a *method* says what is trained and what is saved.
+
+The step is written for the GPU: no host synchronisation inside it (losses are summed on the device
+and read every ``log_every_n_steps``), noise and timesteps come from one seeded generator whose
+state is saved with ``--save_state``, and data arrive as whole bucket batches from a worker pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from library.data.dataset import make_dataloader
+from library.diffusion import losses, noise
+from library.diffusion.conditioning import TextConditioner, time_ids, unet_added_cond
+from library.errors import UserError
+from library.models.sdxl import VAE_SCALE_FACTOR, SDXLModels
+from library.training import checkpointing as ckpt
+from library.training.config import TrainConfig
+from library.training.optim import (
+    build_lr_scheduler, build_optimizer, check_fused_backward, fused_backward_step, parse_optimizer_args,
+    parse_scheduler_args)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Method(Protocol):
+    """What a trainer trains and saves; the loop is the same for all of them."""
+
+    kind: str  # modelspec kind: "lora", "checkpoint", "textual-inversion", "control-net-lllite"
+    trains_text_encoders: bool
+    trains_unet: bool
+
+    def setup(self, run: "TrainingRun") -> None: ...
+    def param_groups(self) -> list[dict]: ...
+    def trained_modules(self) -> list[torch.nn.Module]: ...
+    def set_prepared(self, modules: list[torch.nn.Module]) -> None: ...
+    def unet_forward(self, run: "TrainingRun", noisy: torch.Tensor, timesteps: torch.Tensor,
+                     context: torch.Tensor, added: dict, batch: dict) -> torch.Tensor: ...
+    def save(self, run: "TrainingRun", stem: str, epoch: int, step: int) -> Path: ...
+    def after_optimizer_step(self, run: "TrainingRun") -> None: ...
+
+
+@dataclass
+class TrainingRun:
+    """Everything a method may need while it sets up, steps and saves."""
+
+    cfg: TrainConfig
+    models: SDXLModels
+    conditioner: TextConditioner
+    data: Any  # library.data.dataset.DatasetGroup
+    accelerator: Accelerator
+    weight_dtype: torch.dtype
+    scheduler: Any = None  # the DDPM noise scheduler
+    progress: ckpt.TrainProgress | None = None
+    optimizer_description: str = ""
+    started_at: float = 0.0
+    encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None  # captions -> (context, pooled)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The accelerate object for a run (mixed precision, accumulation, trackers)."""
+    log_with = None
+    if cfg.log_with:
+        log_with = ["tensorboard", "wandb"] if cfg.log_with == "all" else [cfg.log_with]
+    if log_with and not cfg.logging_dir and "tensorboard" in log_with:
+        raise UserError("--log_with tensorboard needs --logging_dir")
+    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
+                       log_with=log_with, project_dir=cfg.logging_dir)
+
+
+class Trainer:
+    """Runs :class:`Method` ``method`` over the data of ``run`` for the configured steps or epochs."""
+
+    def __init__(self, run: TrainingRun, method: Method, sampler: Callable[..., None] | None = None):
+        self.run = run
+        self.cfg = run.cfg
+        self.method = method
+        self.sampler = sampler  # called as sampler(run, epoch=..., step=...) when sampling is due
+        self.out = Path(self.cfg.output_dir)
+
+    # -----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Caches, method setup, optimizer, scheduler, data loader, accelerate preparation."""
+        run, cfg, acc = self.run, self.cfg, self.run.accelerator
+        run.scheduler = noise.make_noise_scheduler(cfg.v_parameterization, cfg.zero_terminal_snr)
+        self.method.setup(run)
+        groups = self.method.param_groups()
+        if not any(p.requires_grad for g in groups for p in g["params"]):
+            raise UserError("nothing to train: every learning rate is 0 or every module is frozen")
+        self.optimizer, run.optimizer_description = build_optimizer(
+            cfg.optimizer_type, groups, cfg.learning_rate, parse_optimizer_args(list(cfg.optimizer_args)))
+        self.loader = make_dataloader(run.data, cfg.max_data_loader_n_workers, cfg.persistent_data_loader_workers,
+                                      pin_memory=acc.device.type == "cuda")
+        updates_per_epoch = math.ceil(len(self.loader) / acc.num_processes / cfg.gradient_accumulation_steps)
+        self.max_steps = cfg.max_train_steps
+        if cfg.max_train_epochs:
+            self.max_steps = cfg.max_train_epochs * updates_per_epoch
+        self.lr_scheduler = build_lr_scheduler(
+            cfg.lr_scheduler, self.optimizer, self.max_steps * acc.num_processes, cfg.lr_warmup_steps,
+            cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power, parse_scheduler_args(list(cfg.lr_scheduler_args)),
+            cfg.lr_scheduler_type, num_decay_steps=cfg.lr_decay_steps, timescale=cfg.lr_scheduler_timescale,
+            min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
+        modules = self.method.trained_modules()
+        prepared = acc.prepare(*modules, self.optimizer, self.loader, self.lr_scheduler)
+        self.method.set_prepared(list(prepared[:len(modules)]))
+        self.optimizer, self.loader, self.lr_scheduler = prepared[len(modules):]
+        self.trained = list(prepared[:len(modules)])
+        self.trained_params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        self.fused = None
+        if cfg.fused_backward_pass:
+            check_fused_backward(cfg.optimizer_type, cfg.gradient_accumulation_steps, cfg.mixed_precision,
+                                 acc.num_processes)
+            self.fused = fused_backward_step(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                             else self.optimizer, cfg.max_grad_norm or None)
+        run.progress = ckpt.TrainProgress()
+        self.rng = ckpt.NoiseRNG(cfg.seed if cfg.seed is not None else 0, acc.device)
+        acc.register_for_checkpointing(run.progress)
+        self.num_epochs = math.ceil(self.max_steps / max(updates_per_epoch, 1))
+        if cfg.resume:
+            self._resume(cfg.resume)
+        if acc.is_main_process and cfg.log_with:
+            acc.init_trackers(cfg.log_tracker_name or "network_train", config={"max_train_steps": self.max_steps})
+
+    def _resume(self, path: str) -> None:
+        state_dir = Path(path)
+        if not state_dir.is_dir():
+            raise UserError(f"--resume: {state_dir} is not a saved state folder")
+        self.run.accelerator.load_state(str(state_dir))
+        self.rng.restore(self.run.progress.rng_state)
+        p = self.run.progress
+        logger.info("resumed from %s at epoch %d, step %d", state_dir, p.epoch + 1, p.global_step)
+
+    # -----------------------------------------------------------------------------------------
+    def latents_of(self, batch: dict) -> torch.Tensor:
+        """Scaled latents: from the cache, or encoded now with the frozen VAE."""
+        if "latents" in batch:
+            latents = batch["latents"]
+        else:
+            vae = self.run.models.vae
+            with torch.no_grad():
+                latents = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist.sample().float()
+            latents = torch.nan_to_num(latents)
+        return latents.to(self.run.device, self.run.weight_dtype) * VAE_SCALE_FACTOR
+
+    def text_of(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled): from the cache, or encoded now (with gradients when a TE is trained)."""
+        if "te_outputs" in batch:
+            h1, h2, pooled = batch["te_outputs"]
+            return torch.cat([h1, h2], dim=-1).to(self.run.weight_dtype), pooled.to(self.run.weight_dtype)
+        grad = torch.enable_grad() if self.method.trains_text_encoders else torch.no_grad()
+        with grad, self.run.accelerator.autocast():
+            context, pooled = self.run.encode_text(batch["captions"])
+        return context.to(self.run.weight_dtype), pooled.to(self.run.weight_dtype)
+
+    def loss_of(self, batch: dict) -> torch.Tensor:
+        """The weighted denoising loss of one batch (a 0-dim device tensor)."""
+        cfg, run = self.cfg, self.run
+        latents = self.latents_of(batch)
+        context, pooled = self.text_of(batch)
+        gen = self.rng.generator
+        eps = noise.noise_like(latents, gen, cfg.noise_offset, cfg.noise_offset_random_strength,
+                               cfg.adaptive_noise_scale, cfg.multires_noise_iterations, cfg.multires_noise_discount)
+        t = noise.sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, gen, latents.device)
+        noisy = noise.add_noise(run.scheduler, latents,
+                                noise.perturb_noise(eps, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength), t)
+        ids = time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
+        added = unet_added_cond(pooled, ids.to(latents.device))
+        with run.accelerator.autocast():
+            pred = self.method.unet_forward(run, noisy, t, context, added, batch)
+        target = noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)
+        huber_c = losses.huber_c_for(t, run.scheduler, cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) \
+            if cfg.loss_type in ("huber", "smooth_l1") else cfg.huber_c
+        mask = batch.get("alpha_masks") if cfg.masked_loss else None
+        per_sample = losses.per_sample_loss(pred.float(), target.float(), cfg.loss_type, huber_c, mask)
+        per_sample = losses.apply_loss_weighting(
+            per_sample, t, run.scheduler, cfg.v_parameterization, batch.get("loss_weights"), cfg.min_snr_gamma,
+            cfg.scale_v_pred_loss_like_noise_pred, cfg.v_pred_like_loss, cfg.debiased_estimation_loss)
+        return per_sample.mean()
+
+    def step(self, batch: dict) -> torch.Tensor:
+        """Forward, backward and (on an accumulation boundary) the optimizer step; returns the loss.
+
+        With ``--fused_backward_pass`` each parameter is stepped by a hook as its gradient is ready,
+        so here only the scheduler moves.
+        """
+        acc, cfg = self.run.accelerator, self.cfg
+        with acc.accumulate(*self.trained):
+            loss = self.loss_of(batch)
+            acc.backward(loss)
+            if self.fused is None:
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+        return loss
+
+    # -----------------------------------------------------------------------------------------
+    def train(self) -> Path | None:
+        """Run to the end; returns the final saved file (main process)."""
+        run, cfg, acc = self.run, self.cfg, self.run.accelerator
+        p = run.progress
+        run.started_at = time.time()
+        bar = tqdm(total=self.max_steps, initial=p.global_step, disable=not acc.is_local_main_process,
+                   desc="steps", dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=acc.device)
+        loss_count = 0
+        if cfg.sample_at_first and p.global_step == 0:
+            self._sample(epoch=0, step=0)
+        while p.global_step < self.max_steps and p.epoch < self.num_epochs:
+            run.data.set_epoch(p.epoch + 1)
+            loader = acc.skip_first_batches(self.loader, p.step_in_epoch) if p.step_in_epoch else self.loader
+            for module in self.trained:
+                module.train()
+            for batch in loader:
+                run.data.set_current_step(p.global_step)
+                loss = self.step(batch)
+                p.step_in_epoch += 1
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not acc.sync_gradients:
+                    continue
+                self.method.after_optimizer_step(run)
+                p.global_step += 1
+                bar.update(1)
+                if p.global_step % cfg.log_every_n_steps == 0 or p.global_step >= self.max_steps:
+                    self._log(bar, loss_sum, loss_count)
+                    loss_sum.zero_()
+                    loss_count = 0
+                self._step_end_saves()
+                if p.global_step >= self.max_steps:
+                    break
+            else:
+                p.epoch += 1
+                p.step_in_epoch = 0
+                self._epoch_end_saves()
+                continue
+            break
+        bar.close()
+        return self._final_save()
+
+    def _log(self, bar, loss_sum: torch.Tensor, count: int) -> None:
+        """Read the device-side loss sum (the only host sync), show it, and stop on NaN/inf."""
+        avg = (loss_sum / max(count, 1)).item()
+        if not math.isfinite(avg):
+            raise UserError(f"the loss became {avg} at step {self.run.progress.global_step}; training stopped and "
+                            "the last good save was kept (try a lower learning rate, --no_half_vae or bf16)")
+        lr = self.lr_scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
+        logs = {"loss/average": avg, "lr/current": lr}
+        if self.cfg.log_prefix:
+            logs = {self.cfg.log_prefix + k: v for k, v in logs.items()}
+        self.run.accelerator.log(logs, step=self.run.progress.global_step)
+
+    # -----------------------------------------------------------------------------------------
+    def _save(self, stem: str, epoch: int, step: int) -> Path | None:
+        acc = self.run.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = self.method.save(self.run, stem, epoch, step)
+            logger.info("saved %s", path)
+        return path
+
+    def _save_state(self, name: str) -> None:
+        acc = self.run.accelerator
+        self.run.progress.rng_state = self.rng.state()
+        state_dir = self.out / name
+        acc.save_state(str(state_dir))
+        if acc.is_main_process:
+            ckpt.write_train_state(state_dir, self.run.progress)
+
+    def _step_end_saves(self) -> None:
+        cfg, p = self.cfg, self.run.progress
+        if cfg.save_every_n_steps and p.global_step % cfg.save_every_n_steps == 0 and p.global_step < self.max_steps:
+            self._save(ckpt.save_stem(cfg.output_name, step=p.global_step), p.epoch + 1, p.global_step)
+            ckpt.remove_old(self.out, cfg.output_name, self._ext(), cfg.save_last_n_steps, p.global_step, "step",
+                            cfg.save_every_n_steps)
+            if cfg.save_state:
+                self._save_state(ckpt.state_dir_name(cfg.output_name, step=p.global_step))
+                ckpt.remove_old(self.out, cfg.output_name, "", cfg.save_last_n_steps_state or cfg.save_last_n_steps,
+                                p.global_step, "step", cfg.save_every_n_steps, state=True)
+        if cfg.sample_every_n_steps and p.global_step % cfg.sample_every_n_steps == 0 and not cfg.sample_every_n_epochs:
+            self._sample(epoch=p.epoch + 1, step=p.global_step)
+
+    def _epoch_end_saves(self) -> None:
+        cfg, p = self.cfg, self.run.progress
+        if cfg.save_every_n_epochs and p.epoch % cfg.save_every_n_epochs == 0 and p.epoch < self.num_epochs:
+            self._save(ckpt.save_stem(cfg.output_name, epoch=p.epoch), p.epoch, p.global_step)
+            ckpt.remove_old(self.out, cfg.output_name, self._ext(), cfg.save_last_n_epochs, p.epoch, "epoch",
+                            cfg.save_every_n_epochs)
+            if cfg.save_state:
+                self._save_state(ckpt.state_dir_name(cfg.output_name, epoch=p.epoch))
+                ckpt.remove_old(self.out, cfg.output_name, "", cfg.save_last_n_epochs_state or cfg.save_last_n_epochs,
+                                p.epoch, "epoch", cfg.save_every_n_epochs, state=True)
+        if cfg.sample_every_n_epochs and p.epoch % cfg.sample_every_n_epochs == 0:
+            self._sample(epoch=p.epoch, step=p.global_step)
+
+    def _final_save(self) -> Path | None:
+        cfg, p = self.cfg, self.run.progress
+        path = self._save(ckpt.save_stem(cfg.output_name), p.epoch, p.global_step)
+        if cfg.save_state or cfg.save_state_on_train_end:
+            self._save_state(ckpt.state_dir_name(cfg.output_name))
+        self.run.accelerator.end_training()
+        return path
+
+    def _ext(self) -> str:
+        fmt = self.cfg.save_model_as or "safetensors"
+        return "safetensors" if fmt in ("safetensors", "diffusers_safetensors") else fmt
+
+    def _sample(self, epoch: int, step: int) -> None:
+        if self.sampler is None or not self.cfg.sample_prompts:
+            return
+        acc = self.run.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for module in self.trained:
+                module.eval()
+            self.sampler(self.run, epoch=epoch, step=step)
+            for module in self.trained:
+                module.train()
+        acc.wait_for_everyone()

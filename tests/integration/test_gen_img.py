@@ -1,0 +1,172 @@
+"""sdxl_gen_img.py end to end on the tiny model: files, metadata, LoRA, textual inversion, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library.inference.png_metadata import read_generation_params, read_png_text
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "sdxl_gen_img.py"
+FAST = ["--W", "64", "--H", "64", "--steps", "3", "--sampler", "euler"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tests.unit.test_pipeline import build_tiny
+
+    return build_tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir) -> str:
+    return str(tiny_dir / "tiny_sdxl.safetensors")
+
+
+@pytest.fixture(scope="module")
+def gen_main():
+    """The script's ``main`` run in this process (faster than a subprocess for the many variants)."""
+    spec = importlib.util.spec_from_file_location("sdxl_gen_img_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def _run(gen_main, ckpt: str, outdir: Path, prompt: str, *extra: str) -> list[Path]:
+    return gen_main(["--ckpt", ckpt, "--prompt", prompt, "--outdir", str(outdir), *FAST, *extra])
+
+
+def test_cli_writes_png_with_round_tripping_metadata(ckpt, tmp_path):
+    """A subprocess run from another folder: file name, size and the parameters read back."""
+    outdir = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--ckpt", ckpt, "--prompt", "a (red:1.2) cat --n blurry --d 123 --l 6",
+           "--W", "64", "--H", "64", "--steps", "4", "--outdir", str(outdir), "--original_width", "128",
+           "--crop_top", "8"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = list(outdir.glob("*.png"))
+    assert len(files) == 1 and re.fullmatch(r"im_\d{14}_000_123\.png", files[0].name)
+    assert Image.open(files[0]).size == (64, 64)
+    params = read_generation_params(files[0])
+    expected = {"prompt": "a (red:1.2) cat", "negative_prompt": "blurry", "seed": 123, "steps": 4, "scale": 6.0,
+                "sampler": "ddim", "width": 64, "height": 64, "original_width": 128, "original_height": 64,
+                "crop_top": 8, "crop_left": 0, "ckpt": "tiny_sdxl.safetensors",
+                "raw_prompt": "a (red:1.2) cat --n blurry --d 123 --l 6"}
+    assert {k: params.get(k) for k in expected} == expected
+    text = read_png_text(files[0])  # sd-scripts' own keys are there too
+    assert text["seed"] == "123" and text["negative-prompt"] == "blurry" and text["original-width"] == "128"
+    assert not list(outdir.glob(".*.tmp"))  # written atomically: no temp files left
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "a cat"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --ckpt") and len(result.stderr.strip().splitlines()) == 1
+    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(SCRIPT), "--prompt", "a", "--highres_fix_scale", "0.5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not supported" in result.stderr
+
+
+def test_from_file_batches_seeds_and_sequential_names(gen_main, ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na cat --d 1,2\na dog --w 72 --d 3\n", encoding="utf-8")
+    outdir = tmp_path / "seq"
+    written = gen_main(["--ckpt", ckpt, "--from_file", str(prompts), "--outdir", str(outdir), "--batch_size", "2",
+                        "--sequential_file_name", *FAST])
+    assert [p.name for p in written] == ["im_000001.png", "im_000002.png", "im_000003.png"]
+    assert [read_generation_params(p)["seed"] for p in written] == [1, 2, 3]
+    assert Image.open(written[2]).size == (72, 64)
+    # batch of 2 == single image with the same seed
+    single = _run(gen_main, ckpt, tmp_path / "single", "a cat --d 2")[0]
+    assert np.abs(_pixels(single) - _pixels(written[1])).max() <= 1
+    again = gen_main(["--ckpt", ckpt, "--prompt", "a cat", "--outdir", str(outdir), "--sequential_file_name", *FAST,
+                      "--steps", "1"])
+    assert [p.name for p in again] == ["im_000004.png"]  # numbering continues; nothing overwritten
+
+
+def test_seed_gives_the_same_image(gen_main, ckpt, tmp_path):
+    a = _run(gen_main, ckpt, tmp_path / "a", "a cat", "--seed", "99")
+    b = _run(gen_main, ckpt, tmp_path / "b", "a cat", "--seed", "99")
+    assert read_generation_params(a[0])["seed"] == 99
+    assert np.array_equal(_pixels(a[0]), _pixels(b[0]))
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_dir, tmp_path_factory) -> Path:
+    """A LoRA for the tiny model with random non-zero weights (text encoders and U-Net)."""
+    lora = pytest.importorskip("networks.lora", reason="networks/lora.py is not available")
+    from library.models.checkpoint_io import load_sdxl
+
+    models = load_sdxl(tiny_dir / "tiny_sdxl.safetensors")
+    network = lora.create_network(1.0, 4, 2.0, models.vae, [models.text_encoder1, models.text_encoder2], models.unet)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    path = tmp_path_factory.mktemp("lora") / "test_lora.safetensors"
+    network.save_weights(str(path))
+    return path
+
+
+def test_lora_changes_image_mul_zero_and_merge(gen_main, ckpt, lora_file, tmp_path):
+    prompt = "a cat --d 7"
+    base = _pixels(_run(gen_main, ckpt, tmp_path / "base", prompt)[0])
+    lora = _run(gen_main, ckpt, tmp_path / "lora", prompt, "--network_module", "networks.lora",
+                "--network_weights", str(lora_file), "--network_mul", "1.0")[0]
+    with_lora = _pixels(lora)
+    assert np.abs(with_lora - base).max() > 10
+    params = read_generation_params(lora)
+    assert params["network_weights"] == [lora_file.name] and params["network_multipliers"] == [1.0]
+    zero = _pixels(_run(gen_main, ckpt, tmp_path / "zero", prompt, "--network_weights", str(lora_file),
+                        "--network_mul", "0")[0])
+    assert np.array_equal(zero, base)
+    merged = _pixels(_run(gen_main, ckpt, tmp_path / "merged", prompt, "--network_weights", str(lora_file),
+                          "--network_merge")[0])
+    assert np.abs(merged - with_lora).max() <= 2  # same maths, weights summed first: uint8 rounding only
+    # per-prompt --am overrides --network_mul for its prompt only: "--am 0" gives the base image,
+    # the next prompt without --am is back at the --network_mul value
+    prompts = tmp_path / "am.txt"
+    prompts.write_text(f"{prompt} --am 0\n{prompt}\n", encoding="utf-8")
+    am_zero, after = gen_main(["--ckpt", ckpt, "--from_file", str(prompts), "--outdir", str(tmp_path / "am"), *FAST,
+                               "--network_weights", str(lora_file)])
+    assert np.array_equal(_pixels(am_zero), base)
+    assert np.array_equal(_pixels(after), with_lora)
+
+
+def test_textual_inversion_embedding_by_file_stem(gen_main, ckpt, tiny_dir, tmp_path):
+    """An embedding holding the vectors of "red" and "cat": "a myemb" must give the image of "a red cat"."""
+    from safetensors.torch import save_file
+
+    from library.models.checkpoint_io import load_sdxl
+    from library.models.tokenizers import load_tokenizers
+
+    models = load_sdxl(tiny_dir / "tiny_sdxl.safetensors")
+    tokenizer = load_tokenizers()[0]
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in ("red</w>", "cat</w>")]
+    vectors = {"clip_l": models.text_encoder1.get_input_embeddings().weight[ids].detach().clone(),
+               "clip_g": models.text_encoder2.get_input_embeddings().weight[ids].detach().clone()}
+    emb = tmp_path / "myemb.safetensors"
+    save_file(vectors, str(emb))
+    with_ti = _run(gen_main, ckpt, tmp_path / "ti", "a myemb --d 5", "--textual_inversion_embeddings", str(emb))[0]
+    plain = _run(gen_main, ckpt, tmp_path / "plain", "a red cat --d 5")[0]
+    other = _run(gen_main, ckpt, tmp_path / "other", "a myemb --d 5")[0]  # without the embedding: unknown word
+    assert np.array_equal(_pixels(with_ti), _pixels(plain))
+    assert not np.array_equal(_pixels(other), _pixels(plain))
+    assert read_generation_params(with_ti)["textual_inversion_embeddings"] == ["myemb.safetensors"]
