@@ -74,6 +74,10 @@ def _build_generator(args, device, dtype):
     networks = pl.load_networks(args.network_module or ["networks.lora"], files, args.network_mul or [], gen.unet,
                                 gen.vae, gen.text_encoders, dtype, device, merge=args.network_merge,
                                 merge_count=args.network_merge_n_models, network_args=network_args)
+    if args.torch_compile:  # after LoRA hooks are in place, so they are traced into the graph
+        import torch
+
+        gen.unet = torch.compile(gen.unet, mode=args.dynamo_mode)
     return gen, networks
 
 

@@ -54,7 +54,7 @@ def run_workload(key: str, steps: int, warmup: int, compile_unet: bool) -> dict:
     data = SyntheticCachedData(batch)
     run = TrainingRun(cfg=cfg, models=models, conditioner=None, data=data, accelerator=make_accelerator(cfg),
                       weight_dtype=torch.bfloat16)
-    place_frozen_models(run, trains_unet=True, trains_text_encoders=False)
+    place_frozen_models(run, unet_weights_trained=False, text_encoder_weights_trained=False)
     if fp8:
         apply_fp8(models.unet)
     if compile_unet:

@@ -145,7 +145,8 @@ class LoRAModule(nn.Module):
                 keep = torch.rand(shape, device=lx.device) > self.rank_dropout
                 lx = lx * keep.to(lx.dtype)
                 scale = scale / (1.0 - self.rank_dropout)
-        return out + self._lora_call(self.lora_up, lx) * (self.multiplier * scale)
+        # One fused add-with-scale instead of a multiply and an add (722 modules: launches count).
+        return torch.add(out, self._lora_call(self.lora_up, lx), alpha=self.multiplier * scale)
 
     def delta_weight(self, up: torch.Tensor | None = None, down: torch.Tensor | None = None,
                      scale: float | None = None, device: torch.device | str | None = None) -> torch.Tensor:

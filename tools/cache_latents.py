@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from library.errors import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -86,6 +87,11 @@ def prepare(argv, description: str, cache_flag: str):
                         "encoders produce the cache")
     if not (args.dataset_config or args.train_data_dir or args.in_json):
         raise UserError("no data: give --dataset_config or --train_data_dir (or --in_json)")
+    for name in ("pretrained_model_name_or_path", "vae"):
+        path = getattr(args, name)
+        if path and not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".")
+                                                  or path.lower().endswith(_WEIGHT_SUFFIXES)):
+            raise UserError(f"--{name}: file or folder not found: {path}")
     check_bucket_reso_steps(args.bucket_reso_steps, "--bucket_reso_steps")
     values = dict(vars(args))
     values[cache_flag] = True

@@ -23,8 +23,8 @@ DataLoader with ``batch_size=1`` and :func:`collate_single`). A batch is a dict:
 
 Every random choice (batch order, flips, random crops, caption shuffles and dropout, colour jitter)
 comes from generators seeded by (seed, epoch, sample), so a run is reproducible whatever the
-number of loader workers. The epoch and step live in shared memory, so :meth:`set_epoch` and
-:meth:`set_current_step` reach persistent loader workers.
+number of loader workers. The epoch (counted from 0) and step live in shared memory, so
+:meth:`set_epoch` and :meth:`set_current_step` reach persistent loader workers.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             self._samples[d] = samples
         self._num_batches = sum(math.ceil(n / ds.batch_size) for d, ds in enumerate(self.configs)
                                 for n in self._bucket_counts(d).values())
-        self._state = torch.tensor([1, 0], dtype=torch.int64).share_memory_()  # epoch, step
+        self._state = torch.tensor([0, 0], dtype=torch.int64).share_memory_()  # epoch, step
         self._order = (None, [])
 
     def _bucket_counts(self, d: int) -> dict:
@@ -280,17 +280,21 @@ class DatasetGroup(torch.utils.data.Dataset):
     # --- epochs, steps, batches -------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (1-based, as the trainers count): batch order, flips, crops and
-        captions follow (seed, epoch). Reaches persistent DataLoader workers."""
+        """Select the epoch, counted from 0 like ``DistributedSampler.set_epoch`` and accelerate
+        (whose prepared DataLoader calls this with its own pass counter on every ``iter()``:
+        with accelerate call ``loader.set_epoch(epoch)`` on the prepared loader). Batch order,
+        flips, crops and captions follow (seed, epoch); ``caption_dropout_every_n_epochs``
+        counts epochs from 1 (epoch 0 is the first). Reaches persistent DataLoader workers."""
         self._state[0] = int(epoch)
 
     def set_current_step(self, step: int) -> None:
-        """The global step, for token warm-up (``token_warmup_step``)."""
+        """The global step, for token warm-up (``token_warmup_step``); loader workers read it
+        when they build a batch, i.e. a few batches ahead of the trainer (as in sd-scripts)."""
         self._state[1] = int(step)
 
     @property
     def epoch(self) -> int:
-        """The current epoch (1-based)."""
+        """The current epoch (0-based)."""
         return int(self._state[0])
 
     def set_tokenize_fn(self, fn: Optional[Callable]) -> None:
@@ -345,7 +349,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             out["caption"], out["te"] = te
         else:
             opts = self._caption_opts[d][item.subset_index]
-            out["caption"] = process_caption(item.caption, opts, rng, epoch, step)
+            out["caption"] = process_caption(item.caption, opts, rng, epoch + 1, step)
         interp = sub.resize_interpolation or self.options.resize_interpolation
         latents = self.latent_cache.get(index, flip)
         if latents is not None:
@@ -546,7 +550,7 @@ def make_dataloader(group: DatasetGroup, num_workers: int = 0, persistent_worker
                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader serving ``group``'s batches in the group's (seeded, per-epoch) order.
 
-    Call ``group.set_epoch(e)`` before iterating each epoch; it reaches the workers.
+    Call ``group.set_epoch(e)`` (0-based) before iterating each epoch; it reaches the workers.
     """
     return torch.utils.data.DataLoader(
         group, batch_size=1, shuffle=False, collate_fn=collate_single, num_workers=num_workers,

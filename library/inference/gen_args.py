@@ -101,6 +101,11 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sdpa", action="store_true", help="accepted; PyTorch SDPA attention is always used")
     g.add_argument("--diffusers_xformers", action="store_true", help="accepted; SDPA is always used")
     g.add_argument("--opt_channels_last", action="store_true", help="U-Net in channels-last memory format")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the U-Net with torch.compile (first image is slow; later ones faster)")
+    g.add_argument("--dynamo_mode", type=str, default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode for --torch_compile")
     g.add_argument("--vae_batch_size", type=float, default=None,
                    help="images per VAE decode (a value < 1 is a fraction of --batch_size)")
     g.add_argument("--vae_slices", type=int, default=None, help="accepted; ignored (decode is batched instead)")

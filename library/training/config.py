@@ -33,6 +33,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
+    dynamo_mode: Optional[str] = None
     fused_backward_pass: bool = False
     # noise / loss
     min_timestep: int = 0

@@ -88,12 +88,17 @@ class FineTuneMethod:
                       opts.learning_rate_te2 if opts.learning_rate_te2 is not None else learning_rate]
         self.trains_unet = learning_rate > 0 or any(v > 0 for v in (opts.block_lr or ()))
         self.trains_text_encoders = opts.train_text_encoder and any(lr > 0 for lr in self.lr_te)
+        self.unet_weights_trained = self.trains_unet
+        self.text_encoder_weights_trained = self.trains_text_encoders
         self.prepared: list[torch.nn.Module] = []
         self.ema: EMA | None = None
 
     def setup(self, run: TrainingRun) -> None:
         models, cfg = run.models, run.cfg
         self.run = run
+        if cfg.fused_backward_pass and self.trains_text_encoders:
+            raise UserError("--fused_backward_pass with --train_text_encoder is not supported yet: train the U-Net "
+                            "only (the 24 GB recipe) or drop --fused_backward_pass")
         models.unet.requires_grad_(False)
         for te in (models.text_encoder1, models.text_encoder2):
             te.requires_grad_(False)
@@ -166,8 +171,9 @@ class FineTuneMethod:
                 models.text_encoder1 = wrapped
             else:
                 models.text_encoder2 = wrapped
-        self.run.conditioner.text_encoder1 = models.text_encoder1
-        self.run.conditioner.text_encoder2 = models.text_encoder2
+        if self.run.conditioner is not None:  # the step encodes captions through the wrapped encoders
+            self.run.conditioner.text_encoder1 = models.text_encoder1
+            self.run.conditioner.text_encoder2 = models.text_encoder2
 
     def unet_forward(self, run, noisy, timesteps, context, added, batch) -> torch.Tensor:
         return run.models.unet(noisy, timesteps, context, added_cond_kwargs=added).sample

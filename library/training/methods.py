@@ -125,6 +125,8 @@ class NetworkMethod:
         self.opts = opts
         self.trains_unet = not opts.network_train_text_encoder_only
         self.trains_text_encoders = not opts.network_train_unet_only
+        self.unet_weights_trained = False  # the base model stays frozen; only the network learns
+        self.text_encoder_weights_trained = False
         self.network = None
         self.prepared = None
 

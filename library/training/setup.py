@@ -91,15 +91,16 @@ def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
         torch.cuda.empty_cache()
 
 
-def place_frozen_models(run: TrainingRun, trains_unet: bool, trains_text_encoders: bool) -> None:
-    """Move what the step needs to the device in its training dtype."""
+def place_frozen_models(run: TrainingRun, unet_weights_trained: bool, text_encoder_weights_trained: bool) -> None:
+    """Move what the step needs to the device: frozen weights in the mixed-precision dtype, trained
+    weights in fp32 (master weights) unless --full_bf16/--full_fp16."""
     cfg, models, device = run.cfg, run.models, run.device
     full_low = cfg.full_bf16 or cfg.full_fp16
-    unet_dtype = run.weight_dtype if (not trains_unet or full_low) else torch.float32
+    unet_dtype = run.weight_dtype if (not unet_weights_trained or full_low) else torch.float32
     models.unet.to(device, unet_dtype)
     te_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     if not te_cached:
-        te_dtype = run.weight_dtype if (not trains_text_encoders or full_low) else torch.float32
+        te_dtype = run.weight_dtype if (not text_encoder_weights_trained or full_low) else torch.float32
         for te in (models.text_encoder1, models.text_encoder2):
             te.to(device, te_dtype)
     latents_cached = cfg.cache_latents or cfg.cache_latents_to_disk
@@ -133,11 +134,11 @@ def run_training(cfg: TrainConfig, data, method, sampler: Callable | None = None
 
     run = create_run(cfg, data)
     fill_caches(run, run.encode_text)
-    place_frozen_models(run, method.trains_unet, method.trains_text_encoders)
+    place_frozen_models(run, method.unet_weights_trained, method.text_encoder_weights_trained)
     if cfg.fp8_base:
         apply_fp8(run.models.unet)
     if cfg.torch_compile:
-        run.models.unet = torch.compile(run.models.unet, backend=cfg.dynamo_backend)
+        run.models.unet = torch.compile(run.models.unet, backend=cfg.dynamo_backend, mode=cfg.dynamo_mode)
     trainer = Trainer(run, method, sampler)
     trainer.setup()
     return trainer.train()

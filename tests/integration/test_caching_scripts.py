@@ -93,16 +93,21 @@ def test_cache_text_encoder_outputs_tool(data: Path, tiny_ckpt: Path, capsys) ->
     assert [p.name for p, m in before.items() if p.stat().st_mtime_ns != m] == ["img4_te_outputs.npz"]
 
 
-def test_te_tool_rejects_shuffle_caption_before_loading(tmp_path: Path, data: Path) -> None:
+def test_te_tool_rejects_shuffle_caption_before_loading(tmp_path: Path, data: Path, tiny_ckpt: Path) -> None:
     toml = tmp_path / "data.toml"
     toml.write_text(f'[general]\nresolution = 64\nshuffle_caption = true\n[[datasets]]\n'
                     f'[[datasets.subsets]]\nimage_dir = "{data / "2_sks shape"}"\n')
     result = run_script([sys.executable, "tools/cache_text_encoder_outputs.py", "--pretrained_model_name_or_path",
-                         str(tmp_path / "no_such_model.safetensors"), "--dataset_config", str(toml)], timeout=120)
+                         str(tiny_ckpt), "--dataset_config", str(toml)], timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: --cache_text_encoder_outputs cannot be used with shuffle_caption")
     assert "data.toml" in lines[-1] and "Traceback" not in result.stderr
+    assert not list((data / "2_sks shape").glob("*.npz"))
+    missing = run_script([sys.executable, "tools/cache_latents.py", "--pretrained_model_name_or_path",
+                          str(tmp_path / "missing.safetensors"), "--train_data_dir", str(data)], timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        f"error: --pretrained_model_name_or_path: file or folder not found: {tmp_path / 'missing.safetensors'}")
 
 
 def test_prepare_buckets_latents_end_to_end(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

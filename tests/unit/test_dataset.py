@@ -256,6 +256,15 @@ def test_captions_and_order_reproducible_per_epoch(dreambooth: Path) -> None:
         assert [(b["image_paths"], b["captions"]) for b in loader] == expected
 
 
+def test_epochs_count_from_zero_and_dropout_every_n_from_one(dreambooth: Path) -> None:
+    group = _group(_one_dataset([{"image_dir": str(dreambooth / "train" / "3_sks dog"), "class_tokens": "x",
+                                  "caption_dropout_every_n_epochs": 2}]))
+    assert group.epoch == 0
+    assert all(c for b in _epoch_batches(group, 0) for c in b["captions"])  # first epoch
+    assert not any(c for b in _epoch_batches(group, 1) for c in b["captions"])  # second: dropped
+    assert all(c for b in _epoch_batches(group, 2) for c in b["captions"])
+
+
 def test_token_warmup_follows_the_current_step(dreambooth: Path) -> None:
     subset = {"image_dir": str(dreambooth / "train" / "3_sks dog"), "class_tokens": TAGS,
               "token_warmup_min": 1, "token_warmup_step": 0.5}

@@ -1,0 +1,91 @@
+"""GPU benchmark of generation: 1024x1024, 30 steps, CFG 7, euler_a, bf16, full-size random-weight SDXL.
+
+    python bench/generate.py [--images 3] [--compile]
+
+Times our ``SDXLGenerator`` and diffusers' ``StableDiffusionXLPipeline`` on the same modules in the
+same process (prompt encoding, 30 denoising steps with CFG, VAE decode), one image at a time;
+median seconds per image after one warm-up image, and peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from common import device_name, markdown
+
+from library.inference.pipeline import SDXLGenerator
+from library.inference.samplers import make_sampler
+from library.models.presets import build_random
+from library.models.tokenizers import load_tokenizers
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+NEGATIVE = "blurry, low quality"
+
+
+def timed(fn, images: int) -> tuple[float, float]:
+    fn(0)  # warm-up (and compilation)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(images):
+        t0 = time.perf_counter()
+        fn(i + 1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=3, help="timed images per variant")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the U-Net")
+    args = p.parse_args()
+    models = build_random("base", device="cuda", dtype=torch.bfloat16)
+    tokenizers = load_tokenizers()
+    rows = []
+
+    ours = SDXLGenerator.from_models(models, tokenizers, dtype=torch.bfloat16, device="cuda")
+
+    def run_ours(seed: int):
+        ours.generate([PROMPT], [NEGATIVE], width=1024, height=1024, steps=30, guidance_scale=7.0,
+                      sampler="euler_a", seeds=[seed])
+
+    med, peak = timed(run_ours, args.images)
+    rows.append({"pipeline": "ours (eager)", "s_per_image": round(med, 3), "peak_gib": round(peak, 2)})
+    if args.compile:
+        ours.unet = torch.compile(models.unet)
+        med, peak = timed(run_ours, args.images)
+        rows.append({"pipeline": "ours (torch.compile)", "s_per_image": round(med, 3), "peak_gib": round(peak, 2)})
+        ours.unet = models.unet
+        torch._dynamo.reset()
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=models.vae, text_encoder=models.text_encoder1,
+                                     text_encoder_2=models.text_encoder2, tokenizer=tokenizers[0],
+                                     tokenizer_2=tokenizers[1], unet=models.unet,
+                                     scheduler=make_sampler("euler_a")).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run_diffusers(seed: int):
+        pipe(PROMPT, negative_prompt=NEGATIVE, width=1024, height=1024, num_inference_steps=30, guidance_scale=7.0,
+             generator=torch.Generator("cpu").manual_seed(seed))
+
+    med, peak = timed(run_diffusers, args.images)
+    rows.append({"pipeline": "diffusers StableDiffusionXLPipeline", "s_per_image": round(med, 3),
+                 "peak_gib": round(peak, 2)})
+    del pipe
+    gc.collect()
+    for row in rows:
+        row["card"] = device_name()
+        print(row)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
