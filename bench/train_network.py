@@ -38,7 +38,7 @@ WORKLOADS = {
 }
 
 
-def run_workload(key: str, steps: int, warmup: int, compile_unet: bool) -> dict:
+def run_workload(key: str, steps: int, warmup: int, compile_unet: bool, mode: str | None = None) -> dict:
     name, batch, dim, gc_on, opt, opt_args, fp8 = WORKLOADS[key]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -58,13 +58,13 @@ def run_workload(key: str, steps: int, warmup: int, compile_unet: bool) -> dict:
     if fp8:
         apply_fp8(models.unet)
     if compile_unet:
-        models.unet = torch.compile(models.unet)
+        models.unet = torch.compile(models.unet, mode=mode)
     torch.cuda.reset_peak_memory_stats()
     method = NetworkMethod(NetworkOptions(network_dim=dim, network_alpha=dim / 2, network_train_unet_only=True))
     trainer = Trainer(run, method)
     trainer.setup()
     batches = itertools.cycle(trainer.loader)
-    times = time_steps(lambda: trainer.step(next(batches)), warmup, steps)
+    times = time_steps(lambda: trainer.step(next(batches)), warmup + (3 if compile_unet else 0), steps)
     # LoRA backward needs input gradients only (~1x forward): ~2x forward FLOP per step, 3x with GC.
     flop = UNET_FWD_TFLOP_1024 * (3 if gc_on else 2)
     row = report(name + (" compiled" if compile_unet else ""), times, batch, flop, card=device_name())
@@ -78,13 +78,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15, help="timed steps per workload")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--only", default="a,b,bfp8,c4,c8", help=f"comma-separated workloads of {','.join(WORKLOADS)}")
-    p.add_argument("--compile", action="store_true", help="also run each workload with torch.compile on the U-Net")
+    p.add_argument("--compile", default="", help="comma-separated workloads to run again with torch.compile")
+    p.add_argument("--dynamo_mode", default=None, help="torch.compile mode for --compile")
     args = p.parse_args()
     rows = []
     for key in args.only.split(","):
-        for compiled in ([False, True] if args.compile else [False]):
+        for compiled in ([False, True] if key in args.compile.split(",") else [False]):
             try:
-                rows.append(run_workload(key, args.steps, args.warmup, compiled))
+                rows.append(run_workload(key, args.steps, args.warmup, compiled, args.dynamo_mode))
             except Exception as exc:  # keep going: one failing workload must not hide the others
                 print(f"{key}: failed: {type(exc).__name__}: {exc}", flush=True)
                 torch.cuda.empty_cache()

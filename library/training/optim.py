@@ -275,6 +275,8 @@ def build_optimizer(
     elif spec is not None and spec.adaptive:
         _check_adaptive(name, groups, learning_rate)
     constructor_kwargs = {**kwargs, **(spec.forced if spec else {}), "lr": lr}
+    if cls is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs and _all_cuda_float(groups):
+        constructor_kwargs["fused"] = True  # one fused kernel per step instead of a per-tensor loop
     description = _description(cls, kwargs)
     try:
         optimizer = cls(groups, **constructor_kwargs)
@@ -282,6 +284,11 @@ def build_optimizer(
         raise UserError(f"--optimizer_args: {name} rejected {kwargs or 'its arguments'}: {exc}") from None
     optimizer.sdxl_build = OptimizerBuild(name, cls, constructor_kwargs, learning_rate, manages_lr, description)
     return optimizer, description
+
+
+def _all_cuda_float(groups: list[Any]) -> bool:
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 def _unwrap(optimizer: Any) -> Any:

@@ -34,7 +34,7 @@ def load_tokenizers(cache_dir: str | Path | None = None) -> tuple[CLIPTokenizer,
     result = []
     for hub_id, pad in ((TOKENIZER1_HUB_ID, "<|endoftext|>"), (TOKENIZER2_HUB_ID, "!")):
         folder = cache / hub_id.replace("/", "_")
-        if (folder / "vocab.json").is_file():
+        if (folder / "tokenizer_config.json").is_file():
             tok = CLIPTokenizer.from_pretrained(str(folder))
             tok.pad_token = pad
         else:
