@@ -17,24 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from library.errors import run_cli  # noqa: E402
 
 
-def main(argv=None) -> None:
-    from library.config.args import build_trainer_parser, parse_args_with_config
-    from library.config.schema import block_lr_or_none, validate_training_args
-    from library.training.cli import build_data, configure_logging, make_sampler_callback
-    from library.training.config import TrainConfig
+def make_method(ns, cfg):
+    """The training method for the parsed options (the script boundary: the namespace stops here)."""
+    from library.config.schema import block_lr_or_none
     from library.training.finetune import FineTuneMethod, FineTuneOptions
-    from library.training.setup import run_training
 
-    parser = build_trainer_parser("train", description=__doc__)
-    ns = parse_args_with_config(parser, argv)
-    configure_logging(ns)
-    validate_training_args(ns, "train")
-    cfg = TrainConfig.from_namespace(ns)
-    data = build_data(ns, cfg)  # scans every image before any model loads
-    method = FineTuneMethod(FineTuneOptions.from_namespace(ns, block_lr_or_none(ns)), cfg.learning_rate)
-    path = run_training(cfg, data, method, make_sampler_callback(ns))
-    if path is not None:
-        print(f"saved {path}")
+    return FineTuneMethod(FineTuneOptions.from_namespace(ns, block_lr_or_none(ns)), cfg.learning_rate)
+
+
+def main(argv=None) -> None:
+    from library.training.cli import train_main
+
+    train_main("train", __doc__, make_method, argv)
 
 
 if __name__ == "__main__":

@@ -17,24 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from library.errors import run_cli  # noqa: E402
 
 
-def main(argv=None) -> None:
-    from library.config.args import build_trainer_parser, parse_args_with_config
-    from library.config.schema import validate_training_args
-    from library.training.cli import build_data, configure_logging, make_sampler_callback
-    from library.training.config import TrainConfig
+def make_method(ns, cfg):
+    """The training method for the parsed options (the script boundary: the namespace stops here)."""
     from library.training.methods import NetworkMethod, NetworkOptions
-    from library.training.setup import run_training
 
-    parser = build_trainer_parser("train_network", description=__doc__)
-    ns = parse_args_with_config(parser, argv)
-    configure_logging(ns)
-    validate_training_args(ns, "train_network")
-    cfg = TrainConfig.from_namespace(ns)
-    data = build_data(ns, cfg)  # scans every image before any model loads
-    method = NetworkMethod(NetworkOptions.from_namespace(ns))
-    path = run_training(cfg, data, method, make_sampler_callback(ns))
-    if path is not None:
-        print(f"saved {path}")
+    return NetworkMethod(NetworkOptions.from_namespace(ns))
+
+
+def main(argv=None) -> None:
+    from library.training.cli import train_main
+
+    train_main("train_network", __doc__, make_method, argv)
 
 
 if __name__ == "__main__":

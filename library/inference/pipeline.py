@@ -141,17 +141,21 @@ class SDXLGenerator:
     def __init__(self, unet, vae, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  no_half_vae: bool = False, vae_dtype: Optional[torch.dtype] = None,
-                 v_parameterization: bool = False, zero_terminal_snr: bool = False, channels_last: bool = False):
+                 v_parameterization: bool = False, zero_terminal_snr: bool = False, channels_last: bool = False,
+                 place_models: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         if vae_dtype is None:
             vae_dtype = torch.float32 if (no_half_vae or dtype == torch.float16) else dtype
         self.vae_dtype = vae_dtype
-        self.unet = _place(unet, self.device, dtype)
+        # place_models=False (sampling inside a training run): use the modules exactly as they are,
+        # never changing their device, dtype, train mode or requires_grad.
+        place = _place if place_models else (lambda module, _device, _dtype: module)
+        self.unet = place(unet, self.device, dtype)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        self.vae = _place(vae, self.device, vae_dtype)
-        self.text_encoders = [_place(te, self.device, dtype) for te in text_encoders]
+        self.vae = place(vae, self.device, vae_dtype)
+        self.text_encoders = [place(te, self.device, dtype) for te in text_encoders]
         self.tokenizers = list(tokenizers)
         self.v_parameterization = v_parameterization
         self.zero_terminal_snr = zero_terminal_snr

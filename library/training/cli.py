@@ -42,3 +42,24 @@ def make_sampler_callback(ns: Any) -> Callable | None:
     def callback(run, epoch: int, step: int) -> None:
         sample_images(run, opts, epoch=epoch, step=step)
     return callback
+
+
+def train_main(script: str, description: str, make_method: Callable[[Any, TrainConfig], Any], argv=None) -> None:
+    """The whole of a trainer script: parse (with --config_file), check, scan data, build the method, train.
+
+    ``script`` is the option set ("train", "train_network", ...); ``make_method(ns, cfg)`` turns the
+    parsed options into the training method.
+    """
+    from library.config.args import build_trainer_parser, parse_args_with_config
+    from library.config.schema import validate_training_args
+    from library.training.setup import run_training
+
+    parser = build_trainer_parser(script, description=description)
+    ns = parse_args_with_config(parser, argv)
+    configure_logging(ns)
+    validate_training_args(ns, script)
+    cfg = TrainConfig.from_namespace(ns)
+    data = build_data(ns, cfg)  # scans every image before any model loads
+    path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
+    if path is not None:
+        print(f"saved {path}")

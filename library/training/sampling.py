@@ -66,7 +66,8 @@ def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int) 
     unet_dtype = next(p.dtype for p in models.unet.parameters() if p.dtype != getattr(torch, "float8_e4m3fn", None))
     generator = SDXLGenerator(models.unet, models.vae, [models.text_encoder1, models.text_encoder2],
                               [run.conditioner.tokenizer1, run.conditioner.tokenizer2], dtype=unet_dtype,
-                              device=device, v_parameterization=run.cfg.v_parameterization, place_models=False)
+                              vae_dtype=next(models.vae.parameters()).dtype, device=device,
+                              v_parameterization=run.cfg.v_parameterization, place_models=False)
     by_epoch = bool(run.cfg.sample_every_n_epochs)
     written = []
     rng_state = torch.get_rng_state()

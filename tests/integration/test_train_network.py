@@ -103,9 +103,13 @@ def test_learning_is_real(tiny_ckpt, dataset, tmp_path):
         network.set_multiplier(network_mul)
         total = 0.0
         gen.manual_seed(0)
+        seen: set = set()
         with torch.no_grad():
             for i in range(len(group)):
                 batch = group[i]
+                if batch["image_paths"][0] in seen:  # the folder repeats each image 10 times; score each once
+                    continue
+                seen.add(batch["image_paths"][0])
                 latents = models.vae.encode(batch["images"]).latent_dist.mean * VAE_SCALE_FACTOR
                 context, pooled = conditioner.encode(batch["captions"])
                 ids = time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
@@ -132,3 +136,21 @@ def test_bad_options_fail_before_loading(tiny_ckpt, dataset, tmp_path):
     assert "shuffle" in r.stderr and "Traceback" not in r.stderr
     r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, tmp_path / "x", 2, "--full_bf16")])
     assert r.returncode == 2 and "full_bf16" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_images_and_weighted_captions_during_training(tiny_ckpt, dataset, tmp_path):
+    """--sample_prompts writes PNGs with parameters under output_dir/sample; --weighted_captions works
+    together with cached text-encoder outputs (the weights are fixed, so they are baked into the cache)."""
+    from library.inference.png_metadata import read_generation_params
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\n(sks:1.2) circle, plain background --w 64 --h 64 --s 2 --d 7\n", encoding="utf-8")
+    out = tmp_path / "sampled"
+    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, out, 2, "--weighted_captions",
+                                                "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
+                                                "--sample_sampler", "euler_a")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    samples = sorted((out / "sample").glob("lora_000002_00_*_7.png"))
+    assert len(samples) == 1
+    params = read_generation_params(samples[0])
+    assert params["seed"] == 7 and params["steps"] == 2 and params["width"] == 64
