@@ -26,9 +26,8 @@ from library.errors import UserError
 from library.models.sdxl import VAE_SCALE_FACTOR, SDXLModels
 from library.training import checkpointing as ckpt
 from library.training.config import TrainConfig
-from library.training.optim import (
-    build_lr_scheduler, build_optimizer, check_fused_backward, fused_backward_step, parse_optimizer_args,
-    parse_scheduler_args)
+from library.training.fused_backward import check_fused_backward, fused_backward_step
+from library.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, parse_scheduler_args
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from library.errors import UserError
 from library.training import optim as O
+from library.training import fused_backward as FB
 
 BRIEF_ADAFACTOR_ARGS = ["scale_parameter=False", "relative_step=False", "warmup_init=False"]
 
@@ -349,7 +350,7 @@ def _train(optimizer_type, args, lrs, fused, max_grad_norm=None, scheduler="line
     model = model or _model()
     opt, _ = O.build_optimizer(optimizer_type, _groups(model, lrs), lrs[0], dict(args))
     sched = O.build_lr_scheduler(scheduler, opt, steps, 2 if scheduler != "constant" else 0)
-    fb = O.fused_backward_step(opt, max_grad_norm=max_grad_norm) if fused else None
+    fb = FB.fused_backward_step(opt, max_grad_norm=max_grad_norm) if fused else None
     for x, y in _batches(steps):
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
@@ -410,7 +411,7 @@ def test_fused_state_survives_save_and_load():
     state = copy.deepcopy(opt.state_dict())
     twin = copy.deepcopy(model)
     twin_opt, _ = O.build_optimizer("AdamW", _groups(twin, lrs), lrs[0], {})
-    twin_fb = O.FusedBackward(twin_opt)
+    twin_fb = FB.FusedBackward(twin_opt)
     twin_opt.load_state_dict(state)  # through the master optimizer, as accelerate.load_state does
     for x, y in _batches(2):
         for m in (model, twin):
@@ -424,16 +425,16 @@ def test_fused_state_survives_save_and_load():
 
 def test_fused_backward_support_and_checks():
     for name in ["AdamW", "adafactor", "Lion", "AdamW8bit", "SGDNesterov", "torch.optim.RAdam"]:
-        assert O.optimizer_supports_fused_backward(name), name
+        assert FB.optimizer_supports_fused_backward(name), name
     for name in ["Prodigy", "DAdaptAdam", "dadaptation", "AdamWScheduleFree", "some.pkg.ProdigyPlus"]:
-        assert not O.optimizer_supports_fused_backward(name), name
-    O.check_fused_backward("Adafactor", 1, "bf16", 1)
+        assert not FB.optimizer_supports_fused_backward(name), name
+    FB.check_fused_backward("Adafactor", 1, "bf16", 1)
     with pytest.raises(UserError, match="gradient_accumulation_steps"):
-        O.check_fused_backward("Adafactor", 4)
+        FB.check_fused_backward("Adafactor", 4)
     with pytest.raises(UserError, match="Prodigy"):
-        O.check_fused_backward("Prodigy")
+        FB.check_fused_backward("Prodigy")
     with pytest.raises(UserError, match="fp16"):
-        O.check_fused_backward("AdamW", 1, "fp16")
+        FB.check_fused_backward("AdamW", 1, "fp16")
 
 
 @pytest.mark.gpu
@@ -447,7 +448,7 @@ def test_fused_backward_on_cuda_matches_and_has_no_host_sync(name, args):
         model = _model().cuda()
         opt, _ = O.build_optimizer(name, _groups(model, lrs), lrs[0], O.parse_optimizer_args(args))
         sched = O.build_lr_scheduler("constant_with_warmup", opt, 5, 2)
-        fb = O.FusedBackward(opt, max_grad_norm=0.5) if fused else None
+        fb = FB.FusedBackward(opt, max_grad_norm=0.5) if fused else None
         for i, (x, y) in enumerate(batches):
             if fused and i >= 1:  # after a warm-up step, any host sync is an error
                 torch.cuda.synchronize()

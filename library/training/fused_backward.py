@@ -1,0 +1,143 @@
+"""The fused backward pass (``--fused_backward_pass``): each parameter is stepped inside backward.
+
+The full set of gradients is never held: a post-accumulate-grad hook on every trained parameter
+clips its gradient, steps a one-parameter optimizer of the same class and hyperparameters as the
+parameter's group, and frees the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from library.errors import UserError
+from library.training.optim import OPTIMIZERS, _canonical_name, _unwrap
+
+
+def optimizer_supports_fused_backward(optimizer_type: str | None) -> bool:
+    """Whether stepping each parameter on its own gives the same update as a full step.
+
+    True for element-wise optimizers (AdamW, Adafactor, Lion, SGD, the 8-bit ones, torch.optim
+    classes...). False for D-Adaptation / Prodigy (their step size is estimated over all
+    parameters together) and schedule-free optimizers (which need whole-model train/eval switches).
+    """
+    name = _canonical_name(optimizer_type)
+    spec = OPTIMIZERS.get(name.lower())
+    if spec is not None:
+        return spec.fused_backward
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return not (leaf.startswith(("dadapt", "prodigy")) or "schedulefree" in leaf or leaf == "lbfgs")
+
+
+def check_fused_backward(
+    optimizer_type: str | None,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str = "no",
+    num_processes: int = 1,
+) -> None:
+    """Raise :class:`UserError` when ``--fused_backward_pass`` cannot work with these options."""
+    if not optimizer_supports_fused_backward(optimizer_type):
+        name = _canonical_name(optimizer_type)
+        raise UserError(f"--fused_backward_pass does not work with --optimizer_type {name}")
+    if gradient_accumulation_steps != 1:
+        raise UserError("--fused_backward_pass needs --gradient_accumulation_steps 1")
+    if mixed_precision == "fp16":
+        raise UserError("--fused_backward_pass cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+    if num_processes > 1:
+        raise UserError("--fused_backward_pass steps before gradients are averaged across GPUs; train on one GPU")
+
+
+def _default_factory(optimizer: torch.optim.Optimizer) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
+    """Make new optimizers of the same class with the same constructor arguments."""
+    cls = type(optimizer)
+    build = getattr(optimizer, "sdxl_build", None)
+    if build is not None:
+        return lambda groups: cls(groups, **build.constructor_kwargs)
+
+    def factory(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        try:
+            return cls(groups, **optimizer.defaults)
+        except TypeError:  # defaults holding keys the constructor does not take
+            return cls(groups)  # group dicts carry every hyperparameter anyway
+
+    return factory
+
+
+class FusedBackward:
+    """Step each parameter from inside backward and free its gradient right away.
+
+    For every trainable parameter of ``optimizer`` a one-parameter optimizer of the same class is
+    made from the hyperparameters of the group the parameter belongs to; a
+    ``register_post_accumulate_grad_hook`` then clips that gradient (``max_grad_norm`` per tensor,
+    0/None: no clipping), steps it with the group's current lr, and sets ``.grad = None``.
+    The per-parameter optimizers share ``optimizer.state``, so ``optimizer.state_dict()`` (and
+    ``accelerate.save_state``) save and load the full state; a scheduler built on ``optimizer``
+    drives every per-parameter lr. Call ``loss.backward()`` only — never ``optimizer.step()`` —
+    and :meth:`remove` to detach. One process, gradient accumulation 1 (see :func:`check_fused_backward`).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None = None,
+        optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
+    ) -> None:
+        self.optimizer = _unwrap(optimizer)
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
+        factory = optimizer_factory or _default_factory(self.optimizer)
+        self.param_optimizers: list[torch.optim.Optimizer] = []
+        self._handles: list[Any] = []
+        seen: set[int] = set()
+        for index, group in enumerate(self.optimizer.param_groups):
+            hyper = {key: value for key, value in group.items() if key != "params"}
+            for param in group["params"]:
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                sub = factory([dict(hyper, params=[param])])
+                sub.state = self.optimizer.state
+                self.param_optimizers.append(sub)
+                self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(sub, index)))
+
+    def _make_hook(self, sub: torch.optim.Optimizer, group_index: int) -> Callable[[torch.Tensor], None]:
+        master, clip = self.optimizer, self.max_grad_norm
+        sub_group = sub.param_groups[0]
+
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is None:
+                return
+            if sub.state is not master.state:  # master.load_state_dict() replaced it
+                sub.state = master.state
+            sub_group["lr"] = master.param_groups[group_index]["lr"]
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(param, clip)
+            sub.step()
+            param.grad = None
+            master._opt_called = True  # what torch's LR schedulers check to see the optimizer stepped
+
+        return hook
+
+    def __len__(self) -> int:
+        return len(self.param_optimizers)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The master optimizer's state dict (it holds every parameter's state)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load into the master optimizer; the per-parameter optimizers follow it."""
+        self.optimizer.load_state_dict(state)
+        for sub in self.param_optimizers:
+            sub.state = self.optimizer.state
+
+    def remove(self) -> None:
+        """Unregister every hook (the optimizer can then be stepped normally again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def fused_backward_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> FusedBackward:
+    """Install the fused backward pass on ``optimizer`` (see :class:`FusedBackward`) and return it."""
+    return FusedBackward(optimizer, max_grad_norm=max_grad_norm)
