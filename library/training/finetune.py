@@ -183,10 +183,13 @@ class FineTuneMethod:
             self.ema.step(run.progress.global_step + 1)
 
     def _unwrapped(self, run: TrainingRun) -> SDXLModels:
+        """The models to save: trained ones unwrapped, frozen ones with their untouched original weights."""
         m = run.models
         unwrap = run.accelerator.unwrap_model
-        return SDXLModels(unwrap(m.unet), m.vae, unwrap(m.text_encoder1), unwrap(m.text_encoder2),
-                          extras=m.extras, metadata=m.metadata, source=m.source)
+        pick = {name: run.originals.get(name, getattr(m, name))
+                for name in ("unet", "vae", "text_encoder1", "text_encoder2")}
+        return SDXLModels(unwrap(pick["unet"]), pick["vae"], unwrap(pick["text_encoder1"]),
+                          unwrap(pick["text_encoder2"]), extras=m.extras, metadata=m.metadata, source=m.source)
 
     def save(self, run: TrainingRun, stem: str, epoch: int, step: int) -> Path:
         cfg = run.cfg

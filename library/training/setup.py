@@ -7,6 +7,7 @@ whatever is frozen afterwards is stored in the mixed-precision dtype.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Sequence
 
@@ -46,17 +47,36 @@ def text_encoder_fn(cfg: TrainConfig, conditioner: TextConditioner) -> Callable[
     return encode
 
 
+def working_copy(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype,
+                 keep_original: bool = True) -> torch.nn.Module:
+    """``module`` on ``device`` in ``dtype`` without rounding the original weights.
+
+    Moving is lossless, so a module already in ``dtype`` is just moved. Casting is not: with
+    ``keep_original`` a cast copy is returned and ``module`` stays as it was (a checkpoint saved later
+    holds the untouched frozen weights); without it the module itself is cast.
+    """
+    if {p.dtype for p in module.parameters()} == {dtype}:
+        return module.to(device)
+    if keep_original:
+        module = copy.deepcopy(module)
+    return module.to(device, dtype)
+
+
 def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
-    """Fill the latent and text-encoder caches the options ask for, moving each model to the GPU only then."""
+    """Fill the latent and text-encoder caches the options ask for.
+
+    The VAE and text encoders visit the device only for this, as cast working copies, so their
+    original (fp32) weights are neither rounded nor kept on the GPU.
+    """
     cfg, data, models, device = run.cfg, run.data, run.models, run.device
     acc = run.accelerator
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_dtype = vae_dtype_for(cfg, run.weight_dtype)
-        models.vae.to(device, vae_dtype)
+        vae = working_copy(models.vae, device, vae_dtype)
 
         @torch.no_grad()
         def encode_images(images: torch.Tensor) -> torch.Tensor:
-            return models.vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
+            return vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
 
         vae_id = f"{cfg.vae or cfg.pretrained_model_name_or_path}|{str(vae_dtype)}"
         opts = LatentCacheOptions(vae_dtype=str(vae_dtype).replace("torch.", ""), vae_batch_size=cfg.vae_batch_size,
@@ -65,47 +85,68 @@ def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
         data.cache_latents(encode_images, vae_id, opts, process_index=acc.process_index,
                            num_processes=acc.num_processes)
         acc.wait_for_everyone()
+        del vae, encode_images
         models.vae.to("cpu")
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        width1 = models.text_encoder1.config.hidden_size
-        for te in (models.text_encoder1, models.text_encoder2):
-            te.to(device, run.weight_dtype)
-
-        @torch.no_grad()
-        def encode_captions(captions: Sequence[str]):
-            with acc.autocast():
-                context, pooled = encode_text(captions)
-            return (context[..., :width1].float().cpu(), context[..., width1:].float().cpu(), pooled.float().cpu())
-
-        te_id = f"{cfg.pretrained_model_name_or_path}|weighted={cfg.weighted_captions}"
-        opts = TextEncoderCacheOptions(batch_size=max(cfg.vae_batch_size, 8),
-                                       to_disk=cfg.cache_text_encoder_outputs_to_disk,
-                                       skip_cache_check=cfg.skip_cache_check, weighted_captions=cfg.weighted_captions,
-                                       show_progress=acc.is_local_main_process)
-        data.cache_text_encoder_outputs(encode_captions, te_id, opts, process_index=acc.process_index,
-                                        num_processes=acc.num_processes)
-        acc.wait_for_everyone()
-        for te in (models.text_encoder1, models.text_encoder2):
-            te.to("cpu", torch.float32)
+        _cache_text_encoder_outputs(run, encode_text)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def place_frozen_models(run: TrainingRun, unet_weights_trained: bool, text_encoder_weights_trained: bool) -> None:
+def _cache_text_encoder_outputs(run: TrainingRun, encode_text: Callable) -> None:
+    cfg, models, acc, conditioner = run.cfg, run.models, run.accelerator, run.conditioner
+    width1 = models.text_encoder1.config.hidden_size
+    originals = conditioner.text_encoder1, conditioner.text_encoder2
+    conditioner.text_encoder1 = working_copy(models.text_encoder1, run.device, run.weight_dtype)
+    conditioner.text_encoder2 = working_copy(models.text_encoder2, run.device, run.weight_dtype)
+
+    @torch.no_grad()
+    def encode_captions(captions: Sequence[str]):
+        with acc.autocast():
+            context, pooled = encode_text(captions)
+        return (context[..., :width1].float().cpu(), context[..., width1:].float().cpu(), pooled.float().cpu())
+
+    te_id = f"{cfg.pretrained_model_name_or_path}|weighted={cfg.weighted_captions}"
+    opts = TextEncoderCacheOptions(batch_size=max(cfg.vae_batch_size, 8), to_disk=cfg.cache_text_encoder_outputs_to_disk,
+                                   skip_cache_check=cfg.skip_cache_check, weighted_captions=cfg.weighted_captions,
+                                   show_progress=acc.is_local_main_process)
+    try:
+        run.data.cache_text_encoder_outputs(encode_captions, te_id, opts, process_index=acc.process_index,
+                                            num_processes=acc.num_processes)
+        acc.wait_for_everyone()
+    finally:
+        conditioner.text_encoder1, conditioner.text_encoder2 = originals
+        for te in originals:
+            te.to("cpu")
+
+
+def place_frozen_models(run: TrainingRun, unet_weights_trained: bool, text_encoder_weights_trained: bool,
+                        keep_originals: bool = False) -> None:
     """Move what the step needs to the device: frozen weights in the mixed-precision dtype, trained
-    weights in fp32 (master weights) unless --full_bf16/--full_fp16."""
+    weights in fp32 (master weights) unless --full_bf16/--full_fp16.
+
+    ``keep_originals`` (methods that save whole checkpoints): frozen modules that must be cast get a
+    working copy and their untouched weights are kept in ``run.originals`` for saving.
+    """
     cfg, models, device = run.cfg, run.models, run.device
     full_low = cfg.full_bf16 or cfg.full_fp16
-    unet_dtype = run.weight_dtype if (not unet_weights_trained or full_low) else torch.float32
-    models.unet.to(device, unet_dtype)
-    te_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
-    if not te_cached:
+
+    def place(name: str, dtype: torch.dtype, trained: bool) -> None:
+        module = getattr(models, name)
+        placed = working_copy(module, device, dtype, keep_original=keep_originals and not trained)
+        if placed is not module:
+            run.originals[name] = module
+        setattr(models, name, placed)
+
+    place("unet", run.weight_dtype if (not unet_weights_trained or full_low) else torch.float32, unet_weights_trained)
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
         te_dtype = run.weight_dtype if (not text_encoder_weights_trained or full_low) else torch.float32
-        for te in (models.text_encoder1, models.text_encoder2):
-            te.to(device, te_dtype)
-    latents_cached = cfg.cache_latents or cfg.cache_latents_to_disk
-    if not latents_cached:
-        models.vae.to(device, vae_dtype_for(cfg, run.weight_dtype))
+        place("text_encoder1", te_dtype, text_encoder_weights_trained)
+        place("text_encoder2", te_dtype, text_encoder_weights_trained)
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        place("vae", vae_dtype_for(cfg, run.weight_dtype), False)
+    if run.conditioner is not None:
+        run.conditioner.text_encoder1, run.conditioner.text_encoder2 = models.text_encoder1, models.text_encoder2
 
 
 def create_run(cfg: TrainConfig, data) -> TrainingRun:
@@ -134,7 +175,8 @@ def run_training(cfg: TrainConfig, data, method, sampler: Callable | None = None
 
     run = create_run(cfg, data)
     fill_caches(run, run.encode_text)
-    place_frozen_models(run, method.unet_weights_trained, method.text_encoder_weights_trained)
+    place_frozen_models(run, method.unet_weights_trained, method.text_encoder_weights_trained,
+                        keep_originals=method.kind == "checkpoint")
     if cfg.fp8_base:
         apply_fp8(run.models.unet)
     if cfg.torch_compile:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -67,6 +67,7 @@ class TrainingRun:
     optimizer_description: str = ""
     started_at: float = 0.0
     encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None  # captions -> (context, pooled)
+    originals: dict[str, torch.nn.Module] = field(default_factory=dict)  # untouched frozen modules, for saving
 
     @property
     def device(self) -> torch.device:
