@@ -99,7 +99,7 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Caches, method setup, optimizer, scheduler, data loader, accelerate preparation."""
+        """Method setup, optimizer, LR scheduler, data loader, accelerate preparation and --resume."""
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         run.scheduler = noise.make_noise_scheduler(cfg.v_parameterization, cfg.zero_terminal_snr)
         self.method.setup(run)
