@@ -278,7 +278,9 @@ def convert_te2_to_hf(keys: Iterable[str], get: TensorGetter) -> Iterator[tuple[
             yield targets[0], t.t().contiguous()
         elif len(targets) == 3:
             for target, part in zip(targets, t.chunk(3, dim=0)):
-                yield target, part.contiguous()
+                # clone: row chunks are contiguous views of one storage, and q/k/v must not share it
+                # (an in-place update of one would invalidate autograd's saved copies of the others)
+                yield target, part.clone()
         else:
             yield targets[0], t
 

@@ -96,9 +96,6 @@ class FineTuneMethod:
     def setup(self, run: TrainingRun) -> None:
         models, cfg = run.models, run.cfg
         self.run = run
-        if cfg.fused_backward_pass and self.trains_text_encoders:
-            raise UserError("--fused_backward_pass with --train_text_encoder is not supported yet: train the U-Net "
-                            "only (the 24 GB recipe) or drop --fused_backward_pass")
         models.unet.requires_grad_(False)
         for te in (models.text_encoder1, models.text_encoder2):
             te.requires_grad_(False)

@@ -203,6 +203,18 @@ def test_full_bf16_fused_backward_adafactor(tiny_ckpt, dataset, tmp_path):
     assert metadata(path)["ss_steps"] == "2"
 
 
+def test_fused_backward_with_text_encoder_training_and_ema(tiny_ckpt, dataset, tmp_path):
+    """Fused backward steps TE parameters inside backward too (TE2's q/k/v must not share storage)."""
+    from library.models.checkpoint_io import load_sdxl
+
+    out = tmp_path / "out"
+    train(tiny_ckpt, dataset, out, "--cache_latents", "--train_text_encoder", "--fused_backward_pass",
+          "--ema", "--ema_decay", "0.5", *ADAFACTOR, "--learning_rate", "1e-3", "--max_train_steps", "2")
+    original, trained = load_sdxl(tiny_ckpt), load_sdxl(out / f"{NAME}.safetensors")
+    for name in ("unet", "text_encoder1", "text_encoder2"):
+        assert changed_keys(state_of(getattr(original, name)), state_of(getattr(trained, name))), name
+
+
 def test_block_lr_needs_23_values(tiny_ckpt, dataset, tmp_path):
     out = tmp_path / "out"
     r = run_script([sys.executable, "sdxl_train.py", *base_args(tiny_ckpt, dataset, out), *CACHED,

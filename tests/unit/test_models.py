@@ -217,3 +217,13 @@ def test_show_metadata_tool(tiny_ckpt):
     r = run_script([sys.executable, "tools/show_metadata.py", str(tiny_ckpt)])
     assert r.returncode == 0, r.stderr
     assert '"modelspec.architecture": "stable-diffusion-xl-v1-base"' in r.stdout
+
+
+def test_te2_qkv_do_not_share_storage(tiny_ckpt):
+    """Split from one fused in_proj, q/k/v must be separate tensors: an in-place update of one
+    (a fused-backward optimizer step) must not touch the others' autograd versions."""
+    te2 = load_sdxl(tiny_ckpt).text_encoder2
+    attn = te2.text_model.encoder.layers[0].self_attn
+    pointers = {attn.q_proj.weight.untyped_storage().data_ptr(), attn.k_proj.weight.untyped_storage().data_ptr(),
+                attn.v_proj.weight.untyped_storage().data_ptr()}
+    assert len(pointers) == 3
