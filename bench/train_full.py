@@ -53,7 +53,6 @@ def run_workload(key: str, steps: int, warmup: int) -> dict:
     times = time_steps(lambda: trainer.step(next(batches)), warmup, steps)
     flop = UNET_FWD_TFLOP_1024 * (4 if gc_on else 3)  # fwd + bwd (2x) (+ recomputed fwd)
     row = report(name, times, 1, flop, card=device_name())
-    del trainer, method, run, models
     gc.collect()
     return row
 

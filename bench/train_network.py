@@ -68,7 +68,6 @@ def run_workload(key: str, steps: int, warmup: int, compile_unet: bool, mode: st
     # LoRA backward needs input gradients only (~1x forward): ~2x forward FLOP per step, 3x with GC.
     flop = UNET_FWD_TFLOP_1024 * (3 if gc_on else 2)
     row = report(name + (" compiled" if compile_unet else ""), times, batch, flop, card=device_name())
-    del trainer, method, run, models, data
     gc.collect()
     return row
 
@@ -80,10 +79,14 @@ def main() -> None:
     p.add_argument("--only", default="a,b,bfp8,c4,c8", help=f"comma-separated workloads of {','.join(WORKLOADS)}")
     p.add_argument("--compile", default="", help="comma-separated workloads to run again with torch.compile")
     p.add_argument("--dynamo_mode", default=None, help="torch.compile mode for --compile")
+    p.add_argument("--compiled_only", action="store_true", help="run only the compiled variants")
     args = p.parse_args()
     rows = []
     for key in args.only.split(","):
-        for compiled in ([False, True] if key in args.compile.split(",") else [False]):
+        variants = [False, True] if key in args.compile.split(",") else [False]
+        if args.compiled_only:
+            variants = [True]
+        for compiled in variants:
             try:
                 rows.append(run_workload(key, args.steps, args.warmup, compiled, args.dynamo_mode))
             except Exception as exc:  # keep going: one failing workload must not hide the others
