@@ -54,7 +54,6 @@ def run(autocast: bool, lora: bool, gc_on: bool, compile_unet: bool = False) -> 
 
     name = f"autocast={autocast} lora={lora} gc={gc_on} compile={compile_unet}"
     row = report(name, time_steps(step, 3 if not compile_unet else 3, 8), 1, card=device_name())
-    del unet, opt, params
     gc.collect()
     return row
 
