@@ -24,19 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from networks.lora_args import NUM_BLOCKS, block_lr_weights, dropout_probability, parse_network_args  # noqa: F401
+from networks.lora_args import NUM_BLOCKS, dropout_probability, parse_network_args
+from networks.lora_files import UNET_PREFIX, load_lora_file, normalize_lora_keys
 
 logger = logging.getLogger(__name__)
 
 UNET_TARGET_MODULES = ("Transformer2DModel",)
 UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-UNET_PREFIX = "lora_unet"
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                                 "float8_e5m2fnuz") if hasattr(torch, n))
-_KEY_SUFFIXES = {"lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "alpha": "alpha",
-                 "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-_PEFT_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": "lora_te1", "text_encoder_2.": "lora_te2"}
 
 
 class LoRAModule(nn.Module):
@@ -262,39 +259,6 @@ def unet_block_index(lora_name: str) -> int:
 def diffusers_unet_aliases(unet: nn.Module) -> dict[str, str]:
     """Map diffusers-path LoRA names (``lora_unet_down_blocks_1_...``) to our SAI-path names."""
     return {f"{UNET_PREFIX}_{path.replace('.', '_')}": name for name, path, _ in unet_targets(unet, True)}
-
-
-def normalize_lora_keys(weights_sd: Mapping[str, torch.Tensor],
-                        unet_aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """Rename diffusers-style keys to kohya SAI names; other keys pass through unchanged.
-
-    Accepts kohya names with diffusers U-Net paths (``lora_unet_down_blocks_...``) and PEFT-style
-    keys (``unet.<path>.lora_A.weight`` / ``text_encoder(_2).<path>.lora_B.weight``; no alpha means
-    alpha = rank).
-    """
-    out: dict[str, torch.Tensor] = {}
-    peft_modules: set[str] = set()
-    for key, tensor in weights_sd.items():
-        suffix = next((s for s in _KEY_SUFFIXES if key.endswith("." + s)), None)
-        if suffix is None:
-            out[key] = tensor
-            continue
-        module = key[: -len(suffix) - 1]
-        for prefix, kohya in _PEFT_PREFIXES.items():
-            if module.startswith(prefix):
-                path = module[len(prefix):]
-                if kohya != UNET_PREFIX and not path.startswith("text_model."):
-                    path = "text_model." + path
-                module = unet_aliases.get(f"{kohya}_{path.replace('.', '_')}", f"{kohya}_{path.replace('.', '_')}")
-                peft_modules.add(module)
-                break
-        module = unet_aliases.get(module, module)
-        out[f"{module}.{_KEY_SUFFIXES[suffix]}"] = tensor
-    for module in peft_modules:
-        down = out.get(f"{module}.lora_down.weight")
-        if down is not None and f"{module}.alpha" not in out:
-            out[f"{module}.alpha"] = torch.tensor(float(down.shape[0]))
-    return out
 
 
 class LoRANetwork(nn.Module):
@@ -549,26 +513,6 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                             alpha=float(network_alpha) if network_alpha is not None else 1.0,
                             dropout=dropout_probability("network_dropout", neuron_dropout), **parsed)
     return LoRANetwork(text_encoder, unet, settings)
-
-
-def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a LoRA file's tensors (safetensors, or a torch pickle for .pt/.ckpt) on the CPU."""
-    path = Path(file)
-    if not path.is_file():
-        raise UserError(f"{path}: LoRA file not found")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, wrong format
-        raise UserError(f"{path}: cannot read the LoRA file ({exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: not a LoRA state dict")
-    return state
 
 
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoder: Any,

@@ -192,8 +192,9 @@ _PRECISION = [
     flag("dynamo_dynamic", "torch.compile with dynamic shapes."),
     flag("fused_backward_pass", "Step the optimizer for each parameter inside the backward pass, freeing its "
          "gradient at once (needs --gradient_accumulation_steps 1)."),
-    opt("fused_optimizer_groups", "Split the parameters into N optimizer groups, each stepped as soon as its "
-        "gradients are complete (saves memory; not with --fused_backward_pass).", type=int, default=None),
+    opt("fused_optimizer_groups", "sd-scripts' N optimizer groups stepped as their gradients complete. Accepted "
+        "for compatibility but not implemented yet (ignored with a warning); use --fused_backward_pass, which "
+        "works with any element-wise optimizer.", type=int, default=None),
 ]
 
 

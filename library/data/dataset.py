@@ -40,11 +40,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from library.config.dataset_cli import dataset_config_from_cli
 from library.config.dataset_toml import (
     CONTROLNET,
     FINETUNE,
     DatasetConfig,
-    dataset_config_from_cli,
     load_dataset_config,
 )
 from library.data.buckets import BucketAssignment, BucketManager, bucket_batches, bucket_summary, crop_for
@@ -57,12 +57,11 @@ from library.data.dataset_items import (
     balance_reg_repeats,
     count_tags,
     list_subset,
-    load_conditioning_image,
-    load_sample_pixels,
     split_validation,
     subset_label,
 )
 from library.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, ScanReport, image_size, scan_images
+from library.data.sample_pixels import load_conditioning_image, load_sample_pixels
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)

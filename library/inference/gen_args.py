@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from library.errors import UserError
-from library.inference.prompts import PromptSpec, expand_dynamic_prompts, load_prompt_file, parse_prompt_line
+from library.inference.dynamic_prompts import expand_dynamic_prompts
+from library.inference.prompts import PromptSpec, load_prompt_file, parse_prompt_line
 
 logger = logging.getLogger(__name__)
 

@@ -307,29 +307,32 @@ class Trainer:
         if acc.is_main_process:
             ckpt.write_train_state(state_dir, self.run.progress)
 
+    def _periodic_save(self, per: str, counter: int, every: int | None, keep_last: int | None,
+                       keep_last_state: int | None) -> None:
+        """An every-N-steps or every-N-epochs save (``per``: "step" or "epoch"), rotating old ones."""
+        cfg, p = self.cfg, self.run.progress
+        key = {per: counter}
+        epoch = p.epoch if per == "epoch" else p.epoch + 1
+        self._save(ckpt.save_stem(cfg.output_name, **key), epoch, p.global_step)
+        ckpt.remove_old(self.out, cfg.output_name, self._ext(), keep_last, counter, per, every)
+        if cfg.save_state:
+            self._save_state(ckpt.state_dir_name(cfg.output_name, **key))
+            ckpt.remove_old(self.out, cfg.output_name, "", keep_last_state or keep_last, counter, per, every,
+                            state=True)
+
     def _step_end_saves(self) -> None:
         cfg, p = self.cfg, self.run.progress
-        if cfg.save_every_n_steps and p.global_step % cfg.save_every_n_steps == 0 and p.global_step < self.max_steps:
-            self._save(ckpt.save_stem(cfg.output_name, step=p.global_step), p.epoch + 1, p.global_step)
-            ckpt.remove_old(self.out, cfg.output_name, self._ext(), cfg.save_last_n_steps, p.global_step, "step",
-                            cfg.save_every_n_steps)
-            if cfg.save_state:
-                self._save_state(ckpt.state_dir_name(cfg.output_name, step=p.global_step))
-                ckpt.remove_old(self.out, cfg.output_name, "", cfg.save_last_n_steps_state or cfg.save_last_n_steps,
-                                p.global_step, "step", cfg.save_every_n_steps, state=True)
+        every = cfg.save_every_n_steps
+        if every and p.global_step % every == 0 and p.global_step < self.max_steps:
+            self._periodic_save("step", p.global_step, every, cfg.save_last_n_steps, cfg.save_last_n_steps_state)
         if cfg.sample_every_n_steps and p.global_step % cfg.sample_every_n_steps == 0 and not cfg.sample_every_n_epochs:
             self._sample(epoch=p.epoch + 1, step=p.global_step)
 
     def _epoch_end_saves(self) -> None:
         cfg, p = self.cfg, self.run.progress
-        if cfg.save_every_n_epochs and p.epoch % cfg.save_every_n_epochs == 0 and p.epoch < self.num_epochs:
-            self._save(ckpt.save_stem(cfg.output_name, epoch=p.epoch), p.epoch, p.global_step)
-            ckpt.remove_old(self.out, cfg.output_name, self._ext(), cfg.save_last_n_epochs, p.epoch, "epoch",
-                            cfg.save_every_n_epochs)
-            if cfg.save_state:
-                self._save_state(ckpt.state_dir_name(cfg.output_name, epoch=p.epoch))
-                ckpt.remove_old(self.out, cfg.output_name, "", cfg.save_last_n_epochs_state or cfg.save_last_n_epochs,
-                                p.epoch, "epoch", cfg.save_every_n_epochs, state=True)
+        every = cfg.save_every_n_epochs
+        if every and p.epoch % every == 0 and p.epoch < self.num_epochs:
+            self._periodic_save("epoch", p.epoch, every, cfg.save_last_n_epochs, cfg.save_last_n_epochs_state)
         if cfg.sample_every_n_epochs and p.epoch % cfg.sample_every_n_epochs == 0:
             self._sample(epoch=p.epoch, step=p.global_step)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from library.config.dataset_cli import dataset_config_from_cli
 from library.config.dataset_toml import (
     DatasetConfig,
     SubsetConfig,
-    dataset_config_from_cli,
     load_dataset_config,
 )
 from library.errors import UserError

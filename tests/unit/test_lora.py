@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from library.errors import UserError
-from networks import lora
+from networks import lora, lora_args
 from networks.protocol import NetworkProtocol
 
 TE1_Q = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
@@ -119,8 +119,8 @@ def test_block_dims_and_lr_weights_select_modules(base_meta):
     assert net.block_lr_weight[1:10] == [0.0] * 9 and net.block_lr_weight[0] == net.block_lr_weight[22] == 1.0
     assert net.block_lr_weight[13] == pytest.approx(0.1) and net.block_lr_weight[21] == pytest.approx(1.1)
     assert not any(m.lora_name.startswith("lora_unet_input_blocks_") for m in net.unet_loras)
-    assert lora.block_lr_weights("cosine", None, None)[1:10][0] == pytest.approx(1.0)
-    assert lora.block_lr_weights("0.5,0.01", None, None, "0.1")[1:4] == [0.5, 0.0, 1.0]
+    assert lora_args.block_lr_weights("cosine", None, None)[1:10][0] == pytest.approx(1.0)
+    assert lora_args.block_lr_weights("0.5,0.01", None, None, "0.1")[1:4] == [0.5, 0.0, 1.0]
 
 
 def test_bad_network_args_are_user_errors(base_meta):

@@ -17,10 +17,10 @@ from library.inference.png_metadata import (
     read_generation_params,
     read_png_text,
 )
+from library.inference.dynamic_prompts import expand_dynamic_prompts
 from library.inference.prompts import (
     BREAK_WEIGHT,
     PromptSpec,
-    expand_dynamic_prompts,
     load_prompt_file,
     parse_prompt_attention,
     parse_prompt_line,
