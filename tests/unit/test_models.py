@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from library.models import convert_keys as ck
 from library.models.checkpoint_io import (
     load_sdxl, load_vae, sai_state_dict, save_diffusers_folder, save_single_file)
 from library.models.presets import build_random
-from tests.conftest import run_script
 
 COMPONENTS = [("unet", "unet"), ("vae", "vae"), ("text_encoder1", "text_encoder"), ("text_encoder2", "text_encoder_2")]
 
@@ -195,28 +193,6 @@ def test_vae_file_in_ldm_and_diffusers_keys(tiny_ckpt, tiny_diffusers, tmp_path)
         loaded = load_vae(source).state_dict()
         assert loaded.keys() == reference.keys()
         assert all(torch.equal(loaded[k], reference[k]) for k in reference)
-
-
-def test_convert_tool_round_trip_and_errors(tiny_ckpt, tmp_path):
-    folder = tmp_path / "conv"
-    r = run_script([sys.executable, "tools/convert_sdxl_checkpoint.py", str(tiny_ckpt), str(folder)])
-    assert r.returncode == 0, r.stderr
-    back = tmp_path / "back.safetensors"
-    r = run_script([sys.executable, "tools/convert_sdxl_checkpoint.py", str(folder), str(back)])
-    assert r.returncode == 0, r.stderr
-    a, b = load_file(tiny_ckpt), load_file(back)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    r = run_script([sys.executable, "tools/convert_sdxl_checkpoint.py", str(tmp_path / "nope.safetensors"),
-                    str(tmp_path / "x.safetensors")])
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "file not found" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_show_metadata_tool(tiny_ckpt):
-    r = run_script([sys.executable, "tools/show_metadata.py", str(tiny_ckpt)])
-    assert r.returncode == 0, r.stderr
-    assert '"modelspec.architecture": "stable-diffusion-xl-v1-base"' in r.stdout
 
 
 def test_te2_qkv_do_not_share_storage(tiny_ckpt):
