@@ -408,7 +408,8 @@ class LatentCacheState(_CacheState):
                 variant = variants[item.path] = variants.get(item.path, -1) + 1
                 path = _multires_latent_path(item.path, item.original_size, item.bucket) if variant else None
                 litem = LatentCacheItem(item.path, item.original_size, item.bucket, item.resized_size,
-                                        (plan.left, plan.top), plan.crop_ltrb, path)
+                                        (plan.left, plan.top), plan.crop_ltrb, path,
+                                        fingerprint=getattr(group, "fingerprints", {}).get(item.path))
                 by_key[key] = len(self.units)
                 self.units.append(_LatentUnit(litem, interp, variant=variant))
             unit = self.units[by_key[key]]
