@@ -426,6 +426,9 @@ class LoRANetwork(nn.Module):
 
     def load_lora_state_dict(self, weights_sd: Mapping[str, torch.Tensor], source: str = "weights") -> Any:
         """``load_state_dict`` with kohya key normalisation and clear errors; returns the missing/unexpected info."""
+        if not weights_sd:
+            raise UserError(f"{source}: the file holds no tensors; give a LoRA file with weights (or leave out "
+                            "--network_weights to start from scratch)")
         weights_sd = normalize_lora_keys(weights_sd, self._unet_aliases)
         own = self.state_dict()
         unknown = [k for k in weights_sd if k not in own]

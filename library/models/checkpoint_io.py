@@ -431,6 +431,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
         else:
             state = vae_state_from_sai(tf, vae_keys, _caster(dtype, device), prefix=prefix)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if not any(k.startswith(("encoder.", "decoder.")) for k in shapes):
+        raise UserError(f"{p}: no VAE tensors in this file (it holds {len(shapes)} other tensors); give an "
+                        "SDXL VAE (.safetensors single file or a diffusers vae folder)")
     return assign_weights("vae", sdxl.infer_vae_config(shapes), state, str(p))
 
 
