@@ -414,7 +414,7 @@ class LoRANetwork(nn.Module):
 
             meta = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
             meta.update(tensor_payload_hashes(state, meta))
-            with atomic_path(file) as tmp:
+            with atomic_path(file, size_hint=sum(t.numel() * t.element_size() for t in state.values())) as tmp:
                 save_file(state, str(tmp), metadata=meta)
         else:
             with atomic_path(file) as tmp:

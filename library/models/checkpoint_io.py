@@ -314,7 +314,7 @@ def save_single_file(models: sdxl.SDXLModels, path: str | os.PathLike, save_prec
     """Write the single-file checkpoint (``.safetensors`` with metadata, or ``.ckpt``) atomically."""
     path = Path(path)
     state = sai_state_dict(models, save_dtype(save_precision))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=sum(t.numel() * t.element_size() for t in state.values())) as tmp:
         if path.suffix.lower() == ".safetensors":
             save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         else:

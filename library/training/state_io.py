@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
+from library.models.atomic import is_no_space, no_space_error
 from library.training.checkpointing import TrainProgress, write_train_state
 
 logger = logging.getLogger(__name__)
@@ -140,18 +141,25 @@ def save_state(accelerator, target: Path, progress: TrainProgress) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with _custom_objects_withheld(accelerator) as objects:
-        accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for i, obj in enumerate(objects):
-            save_object_state(obj.state_dict(), tmp / f"custom_state_{i}.safetensors")
-        write_train_state(tmp, progress)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / MARKER_FILE, {"format": STATE_FORMAT, "version": STATE_VERSION,
-                                        "progress": progress.state_dict(), "custom_objects": len(objects),
-                                        "files": files})
-        _replace_dir(tmp, target)
+    try:
+        with _custom_objects_withheld(accelerator) as objects:
+            accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for i, obj in enumerate(objects):
+                save_object_state(obj.state_dict(), tmp / f"custom_state_{i}.safetensors")
+            write_train_state(tmp, progress)
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            _write_json(tmp / MARKER_FILE, {"format": STATE_FORMAT, "version": STATE_VERSION,
+                                            "progress": progress.state_dict(), "custom_objects": len(objects),
+                                            "files": files})
+            _replace_dir(tmp, target)
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        written = sum(p.stat().st_size for p in tmp.glob("*") if p.is_file()) if tmp.is_dir() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise no_space_error(target, written or None, exc) from None
     accelerator.wait_for_everyone()
     return target
 
