@@ -46,9 +46,10 @@ def check_sample_prompts(path: str, default_sampler: str) -> int:
 def run_preflight(opts: PreflightOptions) -> Optional[OutputLock]:
     """Run every check; returns the output-folder lock the caller keeps for the whole run."""
     if opts.resume:
-        from library.training.state_io import read_marker
+        from library.training.state_io import check_pickles, read_marker
 
-        read_marker(Path(opts.resume))
+        read_marker(Path(opts.resume))  # complete and ours
+        check_pickles(Path(opts.resume))  # nothing in it needs code to load
     if opts.sample_prompts:
         n = check_sample_prompts(opts.sample_prompts, opts.sample_sampler)
         if not opts.sampling_due:

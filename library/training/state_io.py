@@ -207,9 +207,15 @@ def check_pickles(state_dir: Path) -> None:
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"--resume: {path} is not a plain tensor file and was not loaded (it could run "
-                                f"code): {reason[:200]}") from None
+                raise UserError(f"--resume: {path} is not a plain tensor file and was not loaded: "
+                                f"{_refusal_reason(exc)}") from None
+
+
+def _refusal_reason(exc: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"unpickling it would call {found.group(1)}, i.e. run code"
+    return f"it cannot be read as tensors only ({type(exc).__name__}); it may be damaged or hold code"
 
 
 def load_state(accelerator, state_dir: Path) -> TrainProgress:
