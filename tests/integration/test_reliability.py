@@ -45,6 +45,20 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def fails_in_process(argv: list[str]) -> str:
+    """Run a script's ``main(argv)`` here (no interpreter start-up) and return its UserError line."""
+    import importlib
+
+    from library.errors import UserError
+
+    module = importlib.import_module(Path(argv[0]).stem)
+    with pytest.raises(UserError) as info:
+        module.main(argv[1:])
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
 def env_with_root() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -91,36 +105,35 @@ def test_tool_cache_reused_and_bom_config(shared):
 
 
 def test_output_folder_checked_before_loading(shared, tmp_path):
-    """Item 1: an --output_dir that is a file, or that cannot be created, and a --outdir that is a file:
-    one line, exit 2, within seconds (nothing loaded), the file untouched."""
+    """Item 1: an --output_dir that is a file (a real launch: exit 2, one line), one that cannot be
+    created, a --logging_dir that is a file and a --outdir that is a file: one line each, before any
+    model loads, the file untouched."""
     blocker = tmp_path / "occupied"
     blocker.write_bytes(b"user data")
-    started = time.time()
     r = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], blocker, 2)])
     assert "is an existing file" in one_error_line(r) and str(blocker) in r.stderr
+    assert "INFO library.data.dataset" not in r.stderr  # stopped before the dataset scan
     assert blocker.read_bytes() == b"user data"
-    r = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], Path("/proc/1/no/out"), 2)])
-    assert "--output_dir /proc/1/no/out cannot be created" in one_error_line(r)
-    r = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], tmp_path / "o", 2,
-                                               "--logging_dir", str(blocker))])
-    assert "--logging_dir" in one_error_line(r)
-    r = run_script([sys.executable, "sdxl_gen_img.py", "--ckpt", str(shared["ckpt"]), "--outdir", str(blocker),
-                    "--prompt", "a cat", "--W", "64", "--H", "64", "--steps", "1"])
-    assert "--outdir" in one_error_line(r) and "is an existing file" in r.stderr
-    assert time.time() - started < 60
+    msg = fails_in_process(lora_args(shared["ckpt"], shared["data"], Path("/proc/1/no/out"), 2))
+    assert "--output_dir /proc/1/no/out cannot be created" in msg
+    msg = fails_in_process(lora_args(shared["ckpt"], shared["data"], tmp_path / "o", 2, "--logging_dir",
+                                     str(blocker)))
+    assert msg.startswith(f"--logging_dir {blocker} is an existing file")
+    msg = fails_in_process(["sdxl_gen_img.py", "--ckpt", str(shared["ckpt"]), "--outdir", str(blocker),
+                            "--prompt", "a cat", "--W", "64", "--H", "64", "--steps", "1"])
+    assert msg.startswith(f"--outdir {blocker} is an existing file")
+    assert blocker.read_bytes() == b"user data"
 
 
-def test_bad_sample_prompts_fail_before_training(shared, tmp_path):
+def test_bad_sample_prompts_fail_before_training(shared, tmp_path, caplog):
     """Item 5: a malformed prompt file is reported (file and line) before any model loads; nothing is written."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a good prompt --w 64 --h 64\na bad one --w wide\n", encoding="utf-8")
     out = tmp_path / "o"
-    r = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], out, 2, "--sample_prompts",
-                                               str(prompts), "--sample_every_n_steps", "1")])
-    line = one_error_line(r)
-    assert f"{prompts}:2" in line, line
-    assert "INFO networks.lora" not in r.stderr  # the network was never built
-    assert not list(out.glob("*.safetensors"))
+    msg = fails_in_process(lora_args(shared["ckpt"], shared["data"], out, 2, "--sample_prompts", str(prompts),
+                                     "--sample_every_n_steps", "1"))
+    assert f"{prompts}:2" in msg, msg
+    assert not out.exists()  # checked before even the output folder was prepared
 
 
 def _malicious_pickle(path: Path, marker: Path) -> None:
@@ -159,10 +172,9 @@ def test_resume_never_runs_code_and_refuses_foreign_folders(shared, tmp_path):
     empty.mkdir()
     expected = {state: "pickled custom checkpoint", edited: "not a plain tensor file", empty: "no sdxl_trainer_state"}
     for folder, message in expected.items():
-        r = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], tmp_path / "o", 4,
-                                                   "--resume", str(folder))])
-        line = one_error_line(r)
-        assert message in line and "--resume" in line, line
+        line = fails_in_process(lora_args(shared["ckpt"], shared["data"], tmp_path / "o", 4,
+                                          "--resume", str(folder)))
+        assert message in line and line.startswith("--resume"), line
     assert not marker.exists()
 
 
@@ -182,8 +194,8 @@ def test_diverging_run_keeps_the_last_finite_save(shared, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
         time.sleep(0.05)
-    second = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], out, 2)])
-    assert "is in use by another run" in one_error_line(second) and str(first.pid) in second.stderr
+    msg = fails_in_process(lora_args(shared["ckpt"], shared["data"], out, 2))
+    assert "is in use by another run" in msg and f"(process {first.pid})" in msg
     _, stderr = first.communicate(timeout=300)
     r = subprocess.CompletedProcess(cmd, first.returncode, "", stderr)
     line = one_error_line(r)
@@ -220,9 +232,8 @@ def test_kill_during_save_state_leaves_no_half_state(shared, tmp_path):
     assert partial is not None, "the kill never landed inside a state save"
     for state in out.glob("*-state"):
         assert (state / "sdxl_trainer_state.json").is_file(), state  # complete, or not there at all
-    r = run_script([sys.executable, *lora_args(shared["ckpt"], shared["data"], tmp_path / "r", 2,
-                                               "--resume", str(partial))])
-    assert "interrupted save" in one_error_line(r)
+    msg = fails_in_process(lora_args(shared["ckpt"], shared["data"], tmp_path / "r", 2, "--resume", str(partial)))
+    assert "interrupted save" in msg
 
     orphan = out / ".lora.safetensors.k3x9q2ab.tmp"  # what a kill inside a model save leaves
     orphan.write_bytes(b"partial")
@@ -231,7 +242,6 @@ def test_kill_during_save_state_leaves_no_half_state(shared, tmp_path):
         f.write_text("mine")
     no_images = tmp_path / "no_images"
     (no_images / "1_x").mkdir(parents=True)
-    r = run_script([sys.executable, *lora_args(shared["ckpt"], no_images, out, 2)])
-    assert r.returncode == 2  # stops at the data, after the output folder was prepared
+    assert "no usable training images" in fails_in_process(lora_args(shared["ckpt"], no_images, out, 2))
     assert not partial.exists() and not orphan.exists()
     assert all(f.read_text() == "mine" for f in users)
