@@ -232,8 +232,8 @@ class Trainer:
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         p = run.progress
         run.started_at = time.time()
-        bar = tqdm(total=self.max_steps, initial=p.global_step, disable=not acc.is_local_main_process,
-                   desc="steps", dynamic_ncols=True)
+        bar = self._bar = tqdm(total=self.max_steps, initial=p.global_step, disable=not acc.is_local_main_process,
+                               desc="steps", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=acc.device)
         loss_count = 0
         if cfg.sample_at_first and p.global_step == 0:
@@ -279,8 +279,8 @@ class Trainer:
         """Read the device-side loss sum (the only host sync), show it, and stop on NaN/inf."""
         avg = (loss_sum / max(count, 1)).item()
         if not math.isfinite(avg):
-            raise save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save,
-                                                  f"the loss became {avg}")
+            raise self._stopping(save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save,
+                                                                 f"the loss became {avg}"))
         lr = self.lr_scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
         logs = {"loss/average": avg, "lr/current": lr}
@@ -302,7 +302,14 @@ class Trainer:
     def _check_weights(self) -> None:
         """Refuse to save (or rotate) when a trained weight is NaN/inf or exploded."""
         if not save_guard.weights_are_sound(self.trained_params, self.run.accelerator):
-            raise save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save)
+            raise self._stopping(save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save))
+
+    def _stopping(self, error: Exception) -> Exception:
+        """Close the progress bar (so the one-line message starts its own line) and return ``error``."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.close()
+        return error
 
     def _save_state(self, name: str) -> None:
         acc = self.run.accelerator
