@@ -128,6 +128,9 @@ def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = ga.parse_args(argv)
     ga.validate_args(args)
+    from library.training.output_dir import check_writable_dir
+
+    check_writable_dir(args.outdir, "--outdir")  # before loading: a file or read-only folder is one line
     jobs = ga.plan_jobs(_prompt_specs(args, ga), args.images_per_prompt, args.n_iter, args.seed, args.iter_same_seed)
     device, dtype = _device_and_dtype(args)
     logger.info("%d image(s) on %s in %s", len(jobs), device, str(dtype).replace("torch.", ""))

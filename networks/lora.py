@@ -414,7 +414,7 @@ class LoRANetwork(nn.Module):
 
             meta = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
             meta.update(tensor_payload_hashes(state, meta))
-            with atomic_path(file) as tmp:
+            with atomic_path(file, size_hint=sum(t.numel() * t.element_size() for t in state.values())) as tmp:
                 save_file(state, str(tmp), metadata=meta)
         else:
             with atomic_path(file) as tmp:
@@ -426,6 +426,9 @@ class LoRANetwork(nn.Module):
 
     def load_lora_state_dict(self, weights_sd: Mapping[str, torch.Tensor], source: str = "weights") -> Any:
         """``load_state_dict`` with kohya key normalisation and clear errors; returns the missing/unexpected info."""
+        if not weights_sd:
+            raise UserError(f"{source}: the file holds no tensors; give a LoRA file with weights (or leave out "
+                            "--network_weights to start from scratch)")
         weights_sd = normalize_lora_keys(weights_sd, self._unet_aliases)
         own = self.state_dict()
         unknown = [k for k in weights_sd if k not in own]

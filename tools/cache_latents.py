@@ -124,17 +124,18 @@ def load_vae_for(model: str, vae: str | None, dtype):
 
 def main(argv=None) -> None:
     """Cache the latents of this process's share of the dataset."""
-    from library.data.cachers import LatentCacheOptions, VaeEncoder, module_fingerprint
+    from library.data.cachers import LatentCacheOptions, VaeEncoder, module_fingerprint, vae_cache_dtype
 
     args, group, procs = prepare(argv, __doc__, "cache_latents_to_disk")
-    dtype = compute_dtype(args, procs.device)
-    vae = load_vae_for(args.pretrained_model_name_or_path, args.vae, dtype)
+    dtype = vae_cache_dtype(args.mixed_precision, args.no_half_vae)  # the trainers' rule: same provenance
+    vae = load_vae_for(args.pretrained_model_name_or_path, args.vae, None)  # weights as stored
+    vae_id = module_fingerprint(vae)  # the id trainers compute for the same weights
     encoder = VaeEncoder(vae, procs.device, dtype, seed=(args.seed or 0) + procs.index)
     options = LatentCacheOptions(
         vae_dtype=str(dtype).replace("torch.", ""), vae_batch_size=args.vae_batch_size, to_disk=True,
         skip_cache_check=args.skip_cache_check, num_workers=min(args.max_data_loader_n_workers, 4),
         show_progress=True)
-    report = group.cache_latents(encoder, module_fingerprint(vae), options,
+    report = group.cache_latents(encoder, vae_id, options,
                                  process_index=procs.index, num_processes=procs.count)
     print(f"[process {procs.index + 1}/{procs.count}] latents: {report.computed} computed, "
           f"{report.reused} reused", flush=True)

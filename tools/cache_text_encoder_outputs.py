@@ -30,8 +30,9 @@ def main(argv=None) -> None:
 
     args.no_half_vae = False  # the text encoders follow --mixed_precision
     dtype = compute_dtype(args, procs.device)
-    models = load_sdxl(args.pretrained_model_name_or_path, dtype)
-    te1, te2 = (m.to(procs.device).eval().requires_grad_(False)
+    models = load_sdxl(args.pretrained_model_name_or_path, None)  # weights as stored, for the fingerprint
+    te_id = module_fingerprint(models.text_encoder1, models.text_encoder2)  # the id trainers compute
+    te1, te2 = (m.to(procs.device, dtype).eval().requires_grad_(False)
                 for m in (models.text_encoder1, models.text_encoder2))
     del models
     encoder = TextEncoderPairEncoder(load_tokenizers(args.tokenizer_cache_dir), (te1, te2),
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
         batch_size=args.text_encoder_batch_size or args.train_batch_size, to_disk=True,
         skip_cache_check=args.skip_cache_check, max_token_length=args.max_token_length,
         weighted_captions=args.weighted_captions, show_progress=True)
-    report = group.cache_text_encoder_outputs(encoder, module_fingerprint(te1, te2), options,
+    report = group.cache_text_encoder_outputs(encoder, te_id, options,
                                               process_index=procs.index, num_processes=procs.count)
     print(f"[process {procs.index + 1}/{procs.count}] text-encoder outputs: {report.computed} "
           f"computed, {report.reused} reused", flush=True)

@@ -208,7 +208,8 @@ _OPTIMIZER = [
         "Lion, Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, DAdaptation, DAdaptAdaGrad, DAdaptAdam, "
         "DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, Adafactor, RAdamScheduleFree, "
         "AdamWScheduleFree, SGDScheduleFree, or any class path such as bitsandbytes.optim.AdEMAMix8bit "
-        "(case-insensitive).", type=str, default=""),
+        "(case-insensitive). A class path is imported and run, by design: use only ones you trust.",
+        type=str, default=""),
     flag("use_8bit_adam", "Old switch for --optimizer_type AdamW8bit."),
     flag("use_lion_optimizer", "Old switch for --optimizer_type Lion."),
     opt("learning_rate", "Learning rate (for sdxl_train: of the U-Net; 0 freezes it).", type=float, default=2e-6),
@@ -217,7 +218,8 @@ _OPTIMIZER = [
         type=str, default=None, nargs="*"),
     opt("lr_scheduler", "Learning-rate schedule: " + ", ".join(LR_SCHEDULER_NAMES) + ".",
         type=str, default="constant"),
-    opt("lr_scheduler_type", "Custom scheduler class path (overrides --lr_scheduler).", type=str, default=""),
+    opt("lr_scheduler_type", "Custom scheduler class path (overrides --lr_scheduler); it is imported and run, "
+        "by design: use only ones you trust.", type=str, default=""),
     opt("lr_scheduler_args", "Extra scheduler arguments as key=value.", type=str, default=None, nargs="*"),
     opt("lr_warmup_steps", "Warm-up steps: a number, a fraction of the total steps below 1, or a percentage "
         "like 10%%.", type=int_or_float, default=0),

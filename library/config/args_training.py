@@ -119,7 +119,8 @@ _TRAINING = [
     flag("persistent_data_loader_workers", "Keep data-loader workers alive between epochs."),
     opt("prior_loss_weight", "Loss weight of regularisation images.", type=float, default=1.0),
     opt("config_file", "Read options from this TOML file (the .toml suffix may be left out); options "
-        "given on the command line win.", type=str, default=None),
+        "given on the command line win. A config file is code you trust (its optimizer_type / "
+        "lr_scheduler_type class paths are imported and run).", type=str, default=None),
     flag("output_config", "Write the effective options to <output_dir>/<output_name or 'config'>.toml and "
          "exit (or to --config_file's path when that file does not exist yet)."),
 ]

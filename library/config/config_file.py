@@ -3,7 +3,12 @@
 A config file is a TOML file whose keys are option names. Keys may be grouped into any ``[section]``
 tables: sections are flattened, so ``[training] learning_rate = 1e-4`` and a top-level
 ``learning_rate = 1e-4`` are the same. Values are checked and converted with the option's own
-argparse type; an option given on the command line wins over the file.
+argparse type; an option given on the command line wins over the file. A UTF-8 byte-order mark at the
+start is accepted, as the dataset TOML reader accepts it.
+
+A config file is code you trust, as a command line is: ``optimizer_type`` / ``lr_scheduler_type``
+name any importable class (``module.Class``, as sd-scripts allows), which is imported and run. Read a
+config file from someone else before you use it.
 """
 
 from __future__ import annotations
@@ -65,13 +70,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - Python 3.10
         tomllib = None
     try:
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is skipped
         if tomllib is not None:
-            with open(path, "rb") as f:
-                return tomllib.load(f)
+            return tomllib.loads(text)
         import toml
 
-        with open(path, encoding="utf-8") as f:
-            return toml.load(f)
+        return toml.loads(text)
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
 import os
 import re
 from typing import Any, Callable, Optional
@@ -270,10 +271,13 @@ def _check_ranges(ns: argparse.Namespace, script: str) -> None:
         v = getattr(ns, name, None)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be at least 1, got {v}")
-    for name in ("learning_rate", "learning_rate_te1", "learning_rate_te2", "unet_lr", "max_grad_norm"):
-        v = getattr(ns, name, None)
-        if v is not None and v < 0:
-            raise UserError(f"--{name} must not be negative, got {v}")
+    for name in ("learning_rate", "learning_rate_te1", "learning_rate_te2", "unet_lr", "text_encoder_lr",
+                 "max_grad_norm"):
+        for v in (lambda x: x if isinstance(x, (list, tuple)) else [x])(getattr(ns, name, None)):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{name} must be a finite number, got {v}")
+            if v is not None and v < 0:
+                raise UserError(f"--{name} must not be negative, got {v}")
 
 
 def _check_optimizer(ns: argparse.Namespace, script: str) -> None:

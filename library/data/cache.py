@@ -22,7 +22,8 @@ was last modified strictly *before* the cache file; a text-encoder file only whe
 strictly before it. Anything else is recomputed and overwritten with a file that has provenance.
 
 The cachers that fill these files (``LatentCacher``, ``TextEncoderOutputCacher`` and their item
-and option classes) live in :mod:`library.data.cachers`; they are re-exported here.
+and option classes) live in :mod:`library.data.cachers`, which imports this module (never the
+other way round).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -396,22 +397,3 @@ def shard_for_process(items: Sequence, process_index: int, num_processes: int) -
     if num_processes < 1 or not 0 <= process_index < num_processes:
         raise ValueError(f"invalid process {process_index} of {num_processes}")
     return list(items)[process_index::num_processes]
-
-
-# --- cachers: moved to library.data.cachers, re-exported here -------------------------------------
-
-_MOVED_TO_CACHERS = frozenset({
-    "CacheRunReport", "LatentCacheItem", "LatentCacheOptions", "latent_provenance",
-    "load_cached_latents", "LatentCacher", "TextEncoderCacheItem", "TextEncoderCacheOptions",
-    "te_provenance", "load_cached_te_outputs", "TextEncoderOutputCacher",
-})
-
-
-def __getattr__(name: str) -> Any:
-    """Serve the cacher names from :mod:`library.data.cachers` (imported on first use, which
-    keeps the two modules free of an import cycle)."""
-    if name in _MOVED_TO_CACHERS:
-        from library.data import cachers
-
-        return getattr(cachers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ The cachers are model-free: the encoder is an injected callable, so the same cod
 real VAE, the tiny test model and stand-ins in unit tests. Entries valid for the current run (see
 the provenance rules in :mod:`library.data.cache`) are reused; the rest are computed in batches
 and kept in memory or written to disk (atomically, with provenance). These classes used to live
-in :mod:`library.data.cache`, which still re-exports them.
+in :mod:`library.data.cache`; imports flow one way, cachers -> cache.
 
 The last section holds the pieces that connect real models to them: :class:`VaeEncoder` and
 :class:`TextEncoderPairEncoder` (the ``encode_fn`` callables) and :func:`module_fingerprint`,
@@ -55,7 +55,7 @@ __all__ = [
     "CacheRunReport", "LatentCacheItem", "LatentCacheOptions", "latent_provenance",
     "load_cached_latents", "LatentCacher", "TextEncoderCacheItem", "TextEncoderCacheOptions",
     "te_provenance", "load_cached_te_outputs", "TextEncoderOutputCacher", "module_fingerprint",
-    "VaeEncoder", "TextEncoderPairEncoder",
+    "vae_cache_dtype", "VaeEncoder", "TextEncoderPairEncoder",
 ]
 
 
@@ -126,6 +126,7 @@ class LatentCacheItem:
     crop_left_top: tuple  # (left, top) offset of the bucket-sized crop in the resized image
     crop_ltrb: tuple  # (l, t, r, b) recorded for size conditioning (unflipped)
     cache_path: Optional[str] = None  # default: latent_cache_path(image_path, original_size)
+    fingerprint: Optional[str] = None  # content hash taken by the dataset scan (None: fingerprint now)
 
 
 @dataclass
@@ -148,9 +149,11 @@ class LatentCacheOptions:
 
 def latent_provenance(item: LatentCacheItem, vae_id: str, options: LatentCacheOptions
                       ) -> LatentProvenance:
-    """The provenance the current run gives ``item`` (fingerprints the image file now)."""
+    """The provenance the current run gives ``item``: its content hash from the dataset scan, else
+    a fingerprint of the file taken now (a content hash with ``options.content_hash``)."""
+    fingerprint = item.fingerprint or file_fingerprint(item.image_path, content_hash=options.content_hash)
     return LatentProvenance(
-        image_fingerprint=file_fingerprint(item.image_path, content_hash=options.content_hash),
+        image_fingerprint=fingerprint,
         original_size=tuple(int(v) for v in item.original_size),
         bucket_reso=tuple(int(v) for v in item.bucket_reso),
         crop_ltrb=tuple(int(v) for v in item.crop_ltrb),
@@ -407,23 +410,37 @@ class TextEncoderOutputCacher(_Cacher):
 # --- encoders and model identities for the cachers ------------------------------------------------
 
 
+FINGERPRINT_SAMPLE = 4096  # values per tensor taken from its start, its end and spread over it
+
+
 def module_fingerprint(*modules: torch.nn.Module) -> str:
     """A content id of model weights, for the ``vae_id`` / ``te_id`` of cache provenance.
 
-    blake2b over every tensor's name, shape, dtype and up to 4096 leading and trailing values:
-    the same weights give the same id wherever the file lives (renamed, copied, single file or
-    diffusers folder), other weights (another VAE, a fine-tuned text encoder) another one.
-    Trainers and caching tools must both use it so their caches are interchangeable.
+    blake2b over every tensor's name and shape and, of its values as float32, the first and last
+    :data:`FINGERPRINT_SAMPLE` and as many more spread evenly over the rest: the same weights give
+    the same id wherever the file lives (renamed, copied, single file or diffusers folder) and
+    whatever dtype they were loaded in without rounding (an fp16 file read as fp16 or as fp32);
+    other weights (another VAE, a fine-tuned text encoder, a file replaced at the same path)
+    another one. Trainers and caching tools both use it, so their caches are interchangeable.
+    Computed once per run: well under a second for SDXL's VAE and text encoders (docs/reliability.md).
     """
     digest = hashlib.blake2b(digest_size=12)
+    n = FINGERPRINT_SAMPLE
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
             flat = tensor.detach().reshape(-1)
-            if flat.numel() > 8192:
-                flat = torch.cat([flat[:4096], flat[-4096:]])
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if flat.numel() > 3 * n:
+                middle = n + torch.arange(n, device=flat.device) * ((flat.numel() - 2 * n) // n)
+                flat = torch.cat([flat[:n], flat[middle], flat[-n:]])
+            digest.update(f"{name}:{tuple(tensor.shape)}".encode())
             digest.update(flat.float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def vae_cache_dtype(mixed_precision: str, no_half_vae: bool) -> torch.dtype:
+    """The dtype the VAE encodes cached latents in, for trainers and tools alike: float32 unless
+    bf16 mixed precision without ``--no_half_vae`` (fp16 overflows in the SDXL VAE)."""
+    return torch.bfloat16 if mixed_precision == "bf16" and not no_half_vae else torch.float32
 
 
 class VaeEncoder:

@@ -152,6 +152,7 @@ class DatasetGroup(torch.utils.data.Dataset):
                               for d, ds in enumerate(self.configs)]
         self.items: list[ImageItem] = []
         self.bad_images: list[tuple[str, str]] = []
+        self.fingerprints: dict[str, str] = {}  # image path -> content hash (full scan)
         self._samples: list[list[int]] = [[] for _ in self.configs]  # item index per sample
         self.is_validation = False
         self._build()
@@ -209,6 +210,7 @@ class DatasetGroup(torch.utils.data.Dataset):
                                    for p in (c.path, c.conditioning_path) if p))
         logger.info("checking %d image file(s)", len(paths))
         scan = self._scan(paths)
+        self.fingerprints = scan.fingerprints  # content hashes for latent-cache provenance
         bad_paths = {p for p, _ in scan.bad}
         managers = [BucketManager(ds.resolution, enable_bucket=ds.enable_bucket,
                                   min_size=ds.min_bucket_reso, max_size=ds.max_bucket_reso,

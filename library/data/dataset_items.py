@@ -95,18 +95,47 @@ def subset_label(subset: SubsetConfig) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(source or "")))
 
 
-def list_folder_images(folder: str, recursive: bool = False) -> list[str]:
+def list_folder_images(folder: str, recursive: bool = False, warn_skipped: bool = False) -> list[str]:
     """Image files directly inside ``folder`` (and below, with ``recursive``), any case of a
-    known extension, sorted; hidden files are skipped."""
+    known extension, sorted; hidden files are skipped. ``warn_skipped``: log once per folder the
+    unsupported media files (GIF, TIFF, ...) and broken or looping links that were left out."""
     folder = os.path.expanduser(folder)
     if recursive:
-        return sorted(p for root, _, _ in os.walk(folder) for p in list_folder_images(root))
+        return sorted(p for root, _, _ in os.walk(folder) for p in list_folder_images(root, False, warn_skipped))
     try:
         names = sorted(os.listdir(folder))
     except OSError as exc:
         raise UserError(f"cannot list image folder {folder}: {exc.strerror or exc}") from None
-    return [os.path.join(folder, n) for n in names
-            if not n.startswith(".") and is_image_path(n) and os.path.isfile(os.path.join(folder, n))]
+    found = [os.path.join(folder, n) for n in names
+             if not n.startswith(".") and is_image_path(n) and os.path.isfile(os.path.join(folder, n))]
+    if warn_skipped:
+        _warn_skipped_files(folder, names)
+    return found
+
+
+# Files that look like pictures or video but are not trained on (reported once per folder).
+_UNSUPPORTED_MEDIA = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".ico", ".psd",
+                                ".svg", ".jp2", ".dng", ".raw", ".cr2", ".nef", ".mp4", ".webm", ".mov"})
+
+
+def _warn_skipped_files(folder: str, names: list[str]) -> None:
+    """One warning per folder naming the unsupported media files and broken or looping links."""
+    unsupported, broken = [], []
+    for n in names:
+        if n.startswith("."):
+            continue
+        full = os.path.join(folder, n)
+        if os.path.islink(full) and not os.path.exists(full):
+            broken.append(n)
+        elif os.path.splitext(n)[1].lower() in _UNSUPPORTED_MEDIA:
+            unsupported.append(n)
+    if unsupported:
+        logger.warning("skipping %d file(s) in %s that are not supported images (png, jpg, jpeg, webp, bmp; "
+                       "animated GIFs and other formats are not read): %s", len(unsupported), folder,
+                       ", ".join(unsupported[:10]) + (" ..." if len(unsupported) > 10 else ""))
+    if broken:
+        logger.warning("skipping %d broken or looping symbolic link(s) in %s: %s", len(broken), folder,
+                       ", ".join(broken[:10]) + (" ..." if len(broken) > 10 else ""))
 
 
 class _StemIndex:
@@ -151,11 +180,14 @@ def _read_caption_or_problem(path: str, subset: SubsetConfig, kind: str
 def _folder_candidates(subset: SubsetConfig, kind: str) -> tuple[list[Candidate], list[Problem]]:
     candidates, problems = [], []
     stems = _StemIndex()
-    for path in list_folder_images(subset.image_dir):
+    empty = []
+    for path in list_folder_images(subset.image_dir, warn_skipped=True):
         cand, problem = _read_caption_or_problem(path, subset, kind)
         if problem:
             problems.append(problem)
             continue
+        if not cand.caption.strip() and kind != CONTROLNET:
+            empty.append(os.path.basename(path))
         if kind == CONTROLNET:
             stem = os.path.splitext(os.path.basename(path))[0]
             cond = stems.find(os.path.expanduser(subset.conditioning_data_dir), stem)
@@ -165,6 +197,12 @@ def _folder_candidates(subset: SubsetConfig, kind: str) -> tuple[list[Candidate]
                 continue
             cand.conditioning_path = cond
         candidates.append(cand)
+    if empty:
+        tokens = (f"; the class tokens {subset.class_tokens!r} are not used for them" if subset.class_tokens
+                  else "")
+        logger.warning("%d image(s) in %s have an empty or whitespace-only caption file and train with an empty "
+                       "caption%s: %s", len(empty), subset.image_dir, tokens,
+                       ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
     if not candidates and not problems:
         logger.warning("no images found in %s", subset.image_dir)
     return candidates, problems
@@ -408,7 +446,8 @@ class LatentCacheState(_CacheState):
                 variant = variants[item.path] = variants.get(item.path, -1) + 1
                 path = _multires_latent_path(item.path, item.original_size, item.bucket) if variant else None
                 litem = LatentCacheItem(item.path, item.original_size, item.bucket, item.resized_size,
-                                        (plan.left, plan.top), plan.crop_ltrb, path)
+                                        (plan.left, plan.top), plan.crop_ltrb, path,
+                                        fingerprint=getattr(group, "fingerprints", {}).get(item.path))
                 by_key[key] = len(self.units)
                 self.units.append(_LatentUnit(litem, interp, variant=variant))
             unit = self.units[by_key[key]]

@@ -277,12 +277,14 @@ class ScanReport:
     """Result of :func:`scan_images`.
 
     ``good``: usable paths in input order; ``bad``: ``(path, reason)`` for each unusable file;
-    ``sizes``: ``(width, height)`` after EXIF orientation of every good path.
+    ``sizes``: ``(width, height)`` after EXIF orientation of every good path; ``fingerprints``:
+    the content fingerprint (``sha256:<hex>`` of the bytes) of every good path a full scan read.
     """
 
     good: list = field(default_factory=list)
     bad: list = field(default_factory=list)
     sizes: dict = field(default_factory=dict)
+    fingerprints: dict = field(default_factory=dict)
 
     def format_bad(self) -> str:
         """One line per bad file: ``path: reason``."""
@@ -327,13 +329,15 @@ def check_image(
 
 
 def _scan_one(path: str, min_size: Optional[int], max_pixels: int) -> tuple:
-    """``(size, None)`` for a usable file, ``(None, reason)`` otherwise; never raises."""
+    """``(size, None, content fingerprint)`` for a usable file, ``(None, reason, None)`` otherwise;
+    never raises. The bytes are hashed right after the decode read them (from the page cache)."""
     try:
-        return check_image(path, min_size=min_size, max_pixels=max_pixels), None
+        size = check_image(path, min_size=min_size, max_pixels=max_pixels)
+        return size, None, file_fingerprint(path, content_hash=True)
     except ImageLoadError as exc:
-        return None, exc.reason
+        return None, exc.reason, None
     except Exception as exc:  # never let one odd file abort the scan of the others
-        return None, f"cannot read image: {type(exc).__name__}: {exc}"
+        return None, f"cannot read image: {type(exc).__name__}: {exc}", None
 
 
 def scan_images(
@@ -356,10 +360,11 @@ def scan_images(
             results = list(pool.map(lambda p: _scan_one(p, min_size, max_pixels), todo))
     else:
         results = [_scan_one(p, min_size, max_pixels) for p in todo]
-    for path, (size, reason) in zip(todo, results):
+    for path, (size, reason, fingerprint) in zip(todo, results):
         if reason is None:
             report.good.append(path)
             report.sizes[path] = size
+            report.fingerprints[path] = fingerprint
         else:
             report.bad.append((path, reason))
     return report

@@ -314,7 +314,7 @@ def save_single_file(models: sdxl.SDXLModels, path: str | os.PathLike, save_prec
     """Write the single-file checkpoint (``.safetensors`` with metadata, or ``.ckpt``) atomically."""
     path = Path(path)
     state = sai_state_dict(models, save_dtype(save_precision))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=sum(t.numel() * t.element_size() for t in state.values())) as tmp:
         if path.suffix.lower() == ".safetensors":
             save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         else:
@@ -431,6 +431,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
         else:
             state = vae_state_from_sai(tf, vae_keys, _caster(dtype, device), prefix=prefix)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if not any(k.startswith(("encoder.", "decoder.")) for k in shapes):
+        raise UserError(f"{p}: no VAE tensors in this file (it holds {len(shapes)} other tensors); give an "
+                        "SDXL VAE (.safetensors single file or a diffusers vae folder)")
     return assign_weights("vae", sdxl.infer_vae_config(shapes), state, str(p))
 
 

@@ -44,6 +44,18 @@ def make_sampler_callback(ns: Any) -> Callable | None:
     return callback
 
 
+def preflight_options(ns: Any):
+    """The values :func:`library.training.preflight.run_preflight` checks, from the parsed options."""
+    from library.training.preflight import PreflightOptions
+
+    due = bool(getattr(ns, "sample_every_n_steps", None) or getattr(ns, "sample_every_n_epochs", None)
+               or getattr(ns, "sample_at_first", False))
+    return PreflightOptions(output_dir=ns.output_dir, logging_dir=getattr(ns, "logging_dir", None),
+                            sample_prompts=getattr(ns, "sample_prompts", None),
+                            sample_sampler=getattr(ns, "sample_sampler", None) or "ddim", sampling_due=due,
+                            resume=getattr(ns, "resume", None))
+
+
 def train_main(script: str, description: str, make_method: Callable[[Any, TrainConfig], Any], argv=None) -> None:
     """The whole of a trainer script: parse (with --config_file), check, scan data, build the method, train.
 
@@ -52,14 +64,20 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
     """
     from library.config.args import build_trainer_parser, parse_args_with_config
     from library.config.schema import validate_training_args
+    from library.training.preflight import run_preflight
     from library.training.setup import run_training
 
     parser = build_trainer_parser(script, description=description)
     ns = parse_args_with_config(parser, argv)
     configure_logging(ns)
     validate_training_args(ns, script)
+    lock = run_preflight(preflight_options(ns))  # folders, lock, sample prompts, --resume: before loading
     cfg = TrainConfig.from_namespace(ns)
-    data = build_data(ns, cfg)  # scans every image before any model loads
-    path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
+    try:
+        data = build_data(ns, cfg)  # scans every image before any model loads
+        path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
+    finally:
+        if lock is not None:
+            lock.release()
     if path is not None:
         print(f"saved {path}")

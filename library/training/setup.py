@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from library.data.cache import LatentCacheOptions, TextEncoderCacheOptions
+from library.data.cachers import LatentCacheOptions, TextEncoderCacheOptions, module_fingerprint
 from library.diffusion.conditioning import TextConditioner
 from library.models.checkpoint_io import load_sdxl
 from library.models.sdxl import SDXLModels
@@ -29,9 +29,9 @@ def vae_dtype_for(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype:
 
     bf16 has fp32's range, so a bf16 run keeps a bf16 VAE unless ``--no_half_vae``.
     """
-    if cfg.no_half_vae or weight_dtype != torch.bfloat16:
-        return torch.float32
-    return torch.bfloat16
+    from library.data.cachers import vae_cache_dtype
+
+    return vae_cache_dtype("bf16" if weight_dtype == torch.bfloat16 else "other", cfg.no_half_vae)
 
 
 def text_encoder_fn(cfg: TrainConfig, conditioner: TextConditioner) -> Callable[[Sequence[str]], tuple]:
@@ -72,13 +72,13 @@ def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
     acc = run.accelerator
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_dtype = vae_dtype_for(cfg, run.weight_dtype)
+        vae_id = module_fingerprint(models.vae)  # the weights, not the path (same id as tools/cache_latents.py)
         vae = working_copy(models.vae, device, vae_dtype)
 
         @torch.no_grad()
         def encode_images(images: torch.Tensor) -> torch.Tensor:
             return vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
 
-        vae_id = f"{cfg.vae or cfg.pretrained_model_name_or_path}|{str(vae_dtype)}"
         opts = LatentCacheOptions(vae_dtype=str(vae_dtype).replace("torch.", ""), vae_batch_size=cfg.vae_batch_size,
                                   to_disk=cfg.cache_latents_to_disk, skip_cache_check=cfg.skip_cache_check,
                                   show_progress=acc.is_local_main_process)
@@ -96,6 +96,7 @@ def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
 def _cache_text_encoder_outputs(run: TrainingRun, encode_text: Callable) -> None:
     cfg, models, acc, conditioner = run.cfg, run.models, run.accelerator, run.conditioner
     width1 = models.text_encoder1.config.hidden_size
+    te_id = module_fingerprint(models.text_encoder1, models.text_encoder2)  # weights, as the caching tool
     originals = conditioner.text_encoder1, conditioner.text_encoder2
     conditioner.text_encoder1 = working_copy(models.text_encoder1, run.device, run.weight_dtype)
     conditioner.text_encoder2 = working_copy(models.text_encoder2, run.device, run.weight_dtype)
@@ -106,7 +107,6 @@ def _cache_text_encoder_outputs(run: TrainingRun, encode_text: Callable) -> None
             context, pooled = encode_text(captions)
         return (context[..., :width1].float().cpu(), context[..., width1:].float().cpu(), pooled.float().cpu())
 
-    te_id = f"{cfg.pretrained_model_name_or_path}|weighted={cfg.weighted_captions}"
     opts = TextEncoderCacheOptions(batch_size=max(cfg.vae_batch_size, 8), to_disk=cfg.cache_text_encoder_outputs_to_disk,
                                    skip_cache_check=cfg.skip_cache_check, weighted_captions=cfg.weighted_captions,
                                    show_progress=acc.is_local_main_process)

@@ -25,6 +25,7 @@ from library.diffusion.conditioning import TextConditioner, time_ids, unet_added
 from library.errors import UserError
 from library.models.sdxl import VAE_SCALE_FACTOR, SDXLModels
 from library.training import checkpointing as ckpt
+from library.training import save_guard, state_io
 from library.training.config import TrainConfig
 from library.training.fused_backward import check_fused_backward, fused_backward_step
 from library.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, parse_scheduler_args
@@ -96,6 +97,7 @@ class Trainer:
         self.sampler = sampler  # called as sampler(run, epoch=..., step=...) when sampling is due
         self.out = Path(self.cfg.output_dir)
         self._unet_mixed: bool | None = None
+        self.last_good_save: Path | None = None  # newest model file written with sound weights
 
     # -----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -133,7 +135,6 @@ class Trainer:
                                              else self.optimizer, cfg.max_grad_norm or None)
         run.progress = ckpt.TrainProgress()
         self.rng = ckpt.NoiseRNG(cfg.seed if cfg.seed is not None else 0, acc.device)
-        acc.register_for_checkpointing(run.progress)
         self.num_epochs = math.ceil(self.max_steps / max(updates_per_epoch, 1))
         if cfg.resume:
             self._resume(cfg.resume)
@@ -142,9 +143,7 @@ class Trainer:
 
     def _resume(self, path: str) -> None:
         state_dir = Path(path)
-        if not state_dir.is_dir():
-            raise UserError(f"--resume: {state_dir} is not a saved state folder")
-        self.run.accelerator.load_state(str(state_dir))
+        self.run.progress = state_io.load_state(self.run.accelerator, state_dir)  # never unpickles code
         self.rng.restore(self.run.progress.rng_state)
         p = self.run.progress
         logger.info("resumed from %s at epoch %d, step %d", state_dir, p.epoch + 1, p.global_step)
@@ -233,8 +232,8 @@ class Trainer:
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         p = run.progress
         run.started_at = time.time()
-        bar = tqdm(total=self.max_steps, initial=p.global_step, disable=not acc.is_local_main_process,
-                   desc="steps", dynamic_ncols=True)
+        bar = self._bar = tqdm(total=self.max_steps, initial=p.global_step, disable=not acc.is_local_main_process,
+                               desc="steps", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=acc.device)
         loss_count = 0
         if cfg.sample_at_first and p.global_step == 0:
@@ -280,8 +279,8 @@ class Trainer:
         """Read the device-side loss sum (the only host sync), show it, and stop on NaN/inf."""
         avg = (loss_sum / max(count, 1)).item()
         if not math.isfinite(avg):
-            raise UserError(f"the loss became {avg} at step {self.run.progress.global_step}; training stopped and "
-                            "the last good save was kept (try a lower learning rate, --no_half_vae or bf16)")
+            raise self._stopping(save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save,
+                                                                 f"the loss became {avg}"))
         lr = self.lr_scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
         logs = {"loss/average": avg, "lr/current": lr}
@@ -297,15 +296,25 @@ class Trainer:
         if acc.is_main_process:
             path = self.method.save(self.run, stem, epoch, step)
             logger.info("saved %s", path)
+            self.last_good_save = path
         return path
+
+    def _check_weights(self) -> None:
+        """Refuse to save (or rotate) when a trained weight is NaN/inf or exploded."""
+        if not save_guard.weights_are_sound(self.trained_params, self.run.accelerator):
+            raise self._stopping(save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save))
+
+    def _stopping(self, error: Exception) -> Exception:
+        """Close the progress bar (so the one-line message starts its own line) and return ``error``."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.close()
+        return error
 
     def _save_state(self, name: str) -> None:
         acc = self.run.accelerator
         self.run.progress.rng_state = self.rng.state()
-        state_dir = self.out / name
-        acc.save_state(str(state_dir))
-        if acc.is_main_process:
-            ckpt.write_train_state(state_dir, self.run.progress)
+        state_io.save_state(acc, self.out / name, self.run.progress)  # temp folder, renamed when complete
 
     def _periodic_save(self, per: str, counter: int, every: int | None, keep_last: int | None,
                        keep_last_state: int | None) -> None:
@@ -313,6 +322,7 @@ class Trainer:
         cfg, p = self.cfg, self.run.progress
         key = {per: counter}
         epoch = p.epoch if per == "epoch" else p.epoch + 1
+        self._check_weights()
         self._save(ckpt.save_stem(cfg.output_name, **key), epoch, p.global_step)
         ckpt.remove_old(self.out, cfg.output_name, self._ext(), keep_last, counter, per, every)
         if cfg.save_state:
@@ -338,6 +348,7 @@ class Trainer:
 
     def _final_save(self) -> Path | None:
         cfg, p = self.cfg, self.run.progress
+        self._check_weights()
         path = self._save(ckpt.save_stem(cfg.output_name), p.epoch, p.global_step)
         if cfg.save_state or cfg.save_state_on_train_end:
             self._save_state(ckpt.state_dir_name(cfg.output_name))

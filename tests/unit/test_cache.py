@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from library.data import cache as c
+from library.data import cachers as cc
 from library.data.images import load_image, resize_and_crop, to_tensor
 from library.errors import UserError
 
@@ -49,14 +50,14 @@ def _save_image(path: Path, w: int, h: int, seed: int, mtime_s: float | None = N
     return str(path)
 
 
-def _item(path: str, size: tuple, bucket: tuple) -> c.LatentCacheItem:
+def _item(path: str, size: tuple, bucket: tuple) -> cc.LatentCacheItem:
     """Cover the bucket, centre-crop (enough bucketing for these tests)."""
     w, h = size
     bw, bh = bucket
     scale = max(bw / w, bh / h)
     rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
     left, top = (rw - bw) // 2, (rh - bh) // 2
-    return c.LatentCacheItem(path, size, bucket, (rw, rh), (left, top),
+    return cc.LatentCacheItem(path, size, bucket, (rw, rh), (left, top),
                              (left, top, left + bw, top + bh))
 
 
@@ -198,7 +199,7 @@ def test_legacy_prepare_buckets_file_is_preferred(tmp_path: Path) -> None:
     np.savez(legacy, latents=lat, original_size=np.array([80, 64]),
              crop_ltrb=np.array([0, 0, 64, 48]))
     os.utime(legacy, (2_000_000, 2_000_000))
-    got = c.load_cached_latents(item, "vae-a", c.LatentCacheOptions())
+    got = cc.load_cached_latents(item, "vae-a", cc.LatentCacheOptions())
     assert got is not None and np.array_equal(got.latents, lat)
 
 
@@ -300,7 +301,7 @@ def _data_set(d: Path) -> list:
     return items
 
 
-def _expected_latents(item: c.LatentCacheItem) -> np.ndarray:
+def _expected_latents(item: cc.LatentCacheItem) -> np.ndarray:
     arr = resize_and_crop(load_image(item.image_path), item.resized_size, *item.crop_left_top,
                           item.bucket_reso)
     return fake_vae(to_tensor(arr)[None])[0].numpy()
@@ -309,64 +310,64 @@ def _expected_latents(item: c.LatentCacheItem) -> np.ndarray:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_latent_cacher_computes_only_missing_entries(tmp_path: Path, workers: int) -> None:
     items = _data_set(tmp_path)
-    opts = c.LatentCacheOptions(to_disk=True, vae_batch_size=2, num_workers=workers,
+    opts = cc.LatentCacheOptions(to_disk=True, vae_batch_size=2, num_workers=workers,
                                 show_progress=False)
     first = CountingEncoder()
-    report = c.LatentCacher(first, "vae-a", opts).cache(items[:2])
+    report = cc.LatentCacher(first, "vae-a", opts).cache(items[:2])
     assert (report.computed, report.reused, first.images) == (2, 0, 2)
 
     enc = CountingEncoder()
-    report = c.LatentCacher(enc, "vae-a", opts).cache(items)
+    report = cc.LatentCacher(enc, "vae-a", opts).cache(items)
     assert (report.computed, report.reused, enc.images) == (3, 2, 3)
     assert report.entries == {}
     for shape in enc.calls:
         assert shape[0] <= 2
     for item in items:
         path = c.latent_cache_path(item.image_path, item.original_size)
-        entry = c.load_cached_latents(item, "vae-a", opts)
+        entry = cc.load_cached_latents(item, "vae-a", opts)
         assert os.path.isfile(path) and entry is not None
         assert entry.latents.shape == (4, item.bucket_reso[1] // 8, item.bucket_reso[0] // 8)
         assert np.allclose(entry.latents, _expected_latents(item), atol=1e-6)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
     again = CountingEncoder()
-    assert c.LatentCacher(again, "vae-a", opts).cache(items).computed == 0 and not again.calls
+    assert cc.LatentCacher(again, "vae-a", opts).cache(items).computed == 0 and not again.calls
 
 
 def test_latent_cacher_batches_within_one_bucket(tmp_path: Path) -> None:
     items = _data_set(tmp_path)
     enc = CountingEncoder()
-    opts = c.LatentCacheOptions(vae_batch_size=4, show_progress=False)
-    c.LatentCacher(enc, "v", opts).cache(items)
+    opts = cc.LatentCacheOptions(vae_batch_size=4, show_progress=False)
+    cc.LatentCacher(enc, "v", opts).cache(items)
     # buckets: 48x64 (1), 64x48 (3), 64x64 (1) -> three calls, one bucket each
     assert sorted(enc.calls) == sorted([(1, 3, 64, 48), (3, 3, 48, 64), (1, 3, 64, 64)])
 
 
 def test_latent_cacher_recomputes_edited_image_and_new_vae(tmp_path: Path) -> None:
     items = _data_set(tmp_path)
-    opts = c.LatentCacheOptions(to_disk=True, show_progress=False)
-    c.LatentCacher(fake_vae, "vae-a", opts).cache(items)
+    opts = cc.LatentCacheOptions(to_disk=True, show_progress=False)
+    cc.LatentCacher(fake_vae, "vae-a", opts).cache(items)
 
     target = items[2]
     _save_image(Path(target.image_path), *target.original_size, seed=99)  # same size, new pixels
     st = os.stat(target.image_path)
     os.utime(target.image_path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     enc = CountingEncoder()
-    report = c.LatentCacher(enc, "vae-a", opts).cache(items)
+    report = cc.LatentCacher(enc, "vae-a", opts).cache(items)
     assert (report.computed, report.reused) == (1, 4)
-    entry = c.load_cached_latents(target, "vae-a", opts)
+    entry = cc.load_cached_latents(target, "vae-a", opts)
     assert np.allclose(entry.latents, _expected_latents(target), atol=1e-6)
 
-    report = c.LatentCacher(CountingEncoder(), "vae-b", opts).cache(items)
+    report = cc.LatentCacher(CountingEncoder(), "vae-b", opts).cache(items)
     assert (report.computed, report.reused) == (5, 0)
     fp32 = replace(opts, vae_dtype="bfloat16")
-    assert c.LatentCacher(fake_vae, "vae-b", fp32).cache(items).computed == 5
+    assert cc.LatentCacher(fake_vae, "vae-b", fp32).cache(items).computed == 5
 
 
 def test_latent_cacher_flip_and_memory_mode(tmp_path: Path) -> None:
     items = _data_set(tmp_path)
-    opts = c.LatentCacheOptions(flip_aug=True, show_progress=False)
-    cacher = c.LatentCacher(fake_vae, "vae-a", opts)
+    opts = cc.LatentCacheOptions(flip_aug=True, show_progress=False)
+    cacher = cc.LatentCacher(fake_vae, "vae-a", opts)
     report = cacher.cache(items)
     assert report.computed == 5 and set(report.entries) == {i.image_path for i in items}
     for entry in report.entries.values():
@@ -378,9 +379,9 @@ def test_latent_cacher_flip_and_memory_mode(tmp_path: Path) -> None:
     assert cacher.cache(items).reused == 5 and not enc.calls
 
     # an on-disk entry without flipped latents is recomputed when flip_aug is on
-    disk = c.LatentCacheOptions(to_disk=True, show_progress=False)
-    c.LatentCacher(fake_vae, "vae-a", disk).cache(items)
-    report = c.LatentCacher(fake_vae, "vae-a", replace(disk, flip_aug=True)).cache(items)
+    disk = cc.LatentCacheOptions(to_disk=True, show_progress=False)
+    cc.LatentCacher(fake_vae, "vae-a", disk).cache(items)
+    report = cc.LatentCacher(fake_vae, "vae-a", replace(disk, flip_aug=True)).cache(items)
     assert report.computed == 5
 
 
@@ -390,32 +391,32 @@ def test_latent_cacher_alpha_mask(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     Image.fromarray(rgba, "RGBA").save(path)
     item = _item(str(path), (64, 64), (64, 64))
-    opts = c.LatentCacheOptions(alpha_mask=True, to_disk=True, show_progress=False)
-    c.LatentCacher(fake_vae, "v", opts).cache([item])
-    entry = c.load_cached_latents(item, "v", opts)
+    opts = cc.LatentCacheOptions(alpha_mask=True, to_disk=True, show_progress=False)
+    cc.LatentCacher(fake_vae, "v", opts).cache([item])
+    entry = cc.load_cached_latents(item, "v", opts)
     assert entry.alpha_mask.shape == (64, 64)
     assert entry.alpha_mask[:, :32].max() == 0.0 and entry.alpha_mask[:, 32:].min() == 1.0
     # pixels are composited on white exactly as without alpha_mask
-    no_alpha = c.LatentCacher(fake_vae, "v", c.LatentCacheOptions(show_progress=False))
+    no_alpha = cc.LatentCacher(fake_vae, "v", cc.LatentCacheOptions(show_progress=False))
     plain = no_alpha.cache([item]).entries[str(path)]
     assert np.allclose(plain.latents, entry.latents)
 
 
 def test_latent_cacher_nan_and_bad_shapes(tmp_path: Path) -> None:
     items = _data_set(tmp_path)[:1]
-    opts = c.LatentCacheOptions(show_progress=False, num_workers=0)
+    opts = cc.LatentCacheOptions(show_progress=False, num_workers=0)
     with pytest.raises(UserError, match="no_half_vae"):
-        c.LatentCacher(lambda x: fake_vae(x) * float("nan"), "v", opts).cache(items)
+        cc.LatentCacher(lambda x: fake_vae(x) * float("nan"), "v", opts).cache(items)
     with pytest.raises(ValueError, match="encode_fn"):
-        c.LatentCacher(lambda x: F.avg_pool2d(x, 4), "v", opts).cache(items)
+        cc.LatentCacher(lambda x: F.avg_pool2d(x, 4), "v", opts).cache(items)
 
 
 def test_latent_cacher_skip_cache_check_trusts_existing_files(tmp_path: Path) -> None:
     items = _data_set(tmp_path)[:2]
-    opts = c.LatentCacheOptions(to_disk=True, show_progress=False)
-    c.LatentCacher(fake_vae, "vae-a", opts).cache(items)
+    opts = cc.LatentCacheOptions(to_disk=True, show_progress=False)
+    cc.LatentCacher(fake_vae, "vae-a", opts).cache(items)
     trusting = replace(opts, skip_cache_check=True)
-    assert c.LatentCacher(fake_vae, "vae-b", trusting).cache(items).computed == 0
+    assert cc.LatentCacher(fake_vae, "vae-b", trusting).cache(items).computed == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,33 +433,33 @@ def fake_te(captions: list) -> tuple:
 
 
 def test_te_cacher_dedups_and_recomputes_edited_captions(tmp_path: Path) -> None:
-    items = [c.TextEncoderCacheItem(str(tmp_path / f"img{i}.png"), cap)
+    items = [cc.TextEncoderCacheItem(str(tmp_path / f"img{i}.png"), cap)
              for i, cap in enumerate(["a dog", "a cat", "a dog"])]
-    opts = c.TextEncoderCacheOptions(to_disk=True, batch_size=8, show_progress=False)
+    opts = cc.TextEncoderCacheOptions(to_disk=True, batch_size=8, show_progress=False)
     enc = CountingEncoder(fake_te)
-    report = c.TextEncoderOutputCacher(enc, "te-a", opts).cache(items)
+    report = cc.TextEncoderOutputCacher(enc, "te-a", opts).cache(items)
     assert (report.computed, report.reused) == (3, 0)
     assert enc.calls == [["a dog", "a cat"]]  # identical captions encoded once
     for item in items:
-        got = c.load_cached_te_outputs(item, "te-a", opts)
+        got = cc.load_cached_te_outputs(item, "te-a", opts)
         ref = fake_te([item.caption])
         assert np.allclose(got.hidden_state1, ref[0][0].numpy())
         assert got.hidden_state2.shape == (77, 24) and got.pool2.shape == (24,)
 
-    items[1] = c.TextEncoderCacheItem(items[1].key, "a black cat")
+    items[1] = cc.TextEncoderCacheItem(items[1].key, "a black cat")
     enc = CountingEncoder(fake_te)
-    report = c.TextEncoderOutputCacher(enc, "te-a", opts).cache(items)
+    report = cc.TextEncoderOutputCacher(enc, "te-a", opts).cache(items)
     assert (report.computed, report.reused) == (1, 2) and enc.calls == [["a black cat"]]
 
-    report = c.TextEncoderOutputCacher(fake_te, "te-b", opts).cache(items)
+    report = cc.TextEncoderOutputCacher(fake_te, "te-b", opts).cache(items)
     assert report.computed == 3
 
 
 def test_te_cacher_in_memory(tmp_path: Path) -> None:
-    items = [c.TextEncoderCacheItem(f"k{i}", f"caption {i % 2}") for i in range(5)]
-    opts = c.TextEncoderCacheOptions(batch_size=1, show_progress=False)
+    items = [cc.TextEncoderCacheItem(f"k{i}", f"caption {i % 2}") for i in range(5)]
+    opts = cc.TextEncoderCacheOptions(batch_size=1, show_progress=False)
     enc = CountingEncoder(fake_te)
-    cacher = c.TextEncoderOutputCacher(enc, "te", opts)
+    cacher = cc.TextEncoderOutputCacher(enc, "te", opts)
     report = cacher.cache(items)
     assert set(report.entries) == {f"k{i}" for i in range(5)} and len(enc.calls) == 2
     assert cacher.cache(items).reused == 5 and len(enc.calls) == 2
