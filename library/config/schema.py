@@ -116,6 +116,7 @@ def normalize_legacy_args(ns: argparse.Namespace) -> None:
     """Fold old option spellings into the current ones, in place (idempotent).
 
     caption_extention -> caption_extension; use_8bit_adam / use_lion_optimizer -> optimizer_type;
+    dynamo_backend "no" (from a TOML) -> no torch.compile;
     *_to_disk caching implies the in-memory switch; fp8_base_unet implies fp8_base;
     skip_latents_validity_check -> skip_cache_check.
     """
@@ -137,6 +138,12 @@ def normalize_legacy_args(ns: argparse.Namespace) -> None:
             setattr(ns, mem, True)
     if _get(ns, "fp8_base_unet"):
         ns.fp8_base = True
+    if str(_get(ns, "dynamo_backend", "")).lower() == "no":  # sd-scripts/GUI spelling of "do not compile"
+        if _get(ns, "torch_compile"):
+            logger.warning("dynamo_backend = \"no\" turns torch.compile off (as in sd-scripts); "
+                           "--torch_compile is ignored")
+        ns.torch_compile = False
+        ns.dynamo_backend = "inductor"
     if _get(ns, "skip_latents_validity_check"):
         logger.warning("--skip_latents_validity_check is deprecated; use --skip_cache_check")
         ns.skip_cache_check = True
