@@ -116,7 +116,7 @@ def _report_unused_keys(unused: list[tuple[str, str]], actions: dict, path: Path
                     "ignored", path, ", ".join(foreign))
     for key in unknown:
         loc = f" (in [{where[key]}])" if where[key] else ""
-        guess = compat.suggestion(key, sorted(actions), _HINTS)
+        guess = compat.suggestion(key, sorted(set(actions) | compat.known_option_names()), _HINTS)
         hint = f"; did you mean '{guess}'?" if guess else ""
         logger.warning("unknown option '%s'%s in config file %s is ignored%s", key, loc, path, hint)
 
