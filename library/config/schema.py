@@ -235,7 +235,12 @@ def _check_precision(ns: argparse.Namespace, script: str) -> None:
     if mp == "no":
         raise UserError(f"{name} needs --mixed_precision fp16 or bf16: weights are stored in float8 and "
                         "computed in the mixed-precision dtype")
-    if not _cuda_available():
+
+
+def _check_device(ns: argparse.Namespace, script: str) -> None:
+    """Checks that need torch (imported only here, after every cheap check has passed)."""
+    if script != "train" and _get(ns, "fp8_base") and not _cuda_available():
+        name = "--fp8_base_unet" if _get(ns, "fp8_base_unet") else "--fp8_base"
         raise UserError(f"{name} needs a CUDA GPU (torch.cuda.is_available() is False); remove {name}")
 
 
@@ -360,7 +365,7 @@ def _warn_ineffective(ns: argparse.Namespace, script: str) -> None:
 
 _CHECKS: tuple[Callable[[argparse.Namespace, str], None], ...] = (
     _check_required, _check_paths, _check_precision, _check_caching, _check_buckets, _check_ranges,
-    _check_optimizer, _check_script, _warn_ineffective,
+    _check_optimizer, _check_script, _warn_ineffective, _check_device,
 )
 
 

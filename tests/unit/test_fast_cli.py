@@ -51,6 +51,11 @@ def test_help_and_errors_import_no_heavy_libraries(tmp_path):
         cases.append((f"{script} config", ["--config_file", str(bad)]))
         cases.append((f"{script} option", ["--pretrained_model_name_or_path", str(tmp_path / "no.safetensors"),
                                            "--output_dir", str(tmp_path), "--train_data_dir", str(tmp_path)]))
+    # a cross-option error found after other checks passed (fp8's CUDA check, which needs torch, comes last)
+    cases.append(("sdxl_train_network.py late", ["--pretrained_model_name_or_path", str(bad), "--output_dir",
+                                                 str(tmp_path), "--train_data_dir", str(tmp_path), "--network_module",
+                                                 "networks.lora", "--fp8_base", "--mixed_precision", "bf16",
+                                                 "--lr_scheduler", "cosin"]))
     cases.append(("sdxl_gen_img.py option", ["--ckpt", str(tmp_path / "no.safetensors"), "--prompt", "x",
                                              "--outdir", str(tmp_path)]))
     cases.append(("prepare_buckets_latents.py option", [str(tmp_path), str(tmp_path / "no.json"),
@@ -67,4 +72,5 @@ def test_help_and_errors_import_no_heavy_libraries(tmp_path):
         assert r["heavy"] == [], (name, r)
     assert "must be one of" in report["sdxl_train.py config"]["stderr"]
     assert "not found" in report["sdxl_train_network.py option"]["stderr"]
+    assert "did you mean 'cosine'" in report["sdxl_train_network.py late"]["stderr"]
     assert set(_trainers()) >= {"sdxl_train.py", "sdxl_train_network.py"} and Path(ROOT / "sdxl_gen_img.py").is_file()
