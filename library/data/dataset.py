@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from library.config.dataset_cli import (  # noqa: F401 (re-exported: the checks live with the configs)
+from library.config.dataset_cli import (  # the checks live with the configs; re-exported here
     _subset_where,
     dataset_configs_from_values,
     verify_latent_cache_compat,

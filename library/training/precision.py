@@ -40,7 +40,7 @@ def allow_fp16_gradients(accelerator: Any) -> bool:
         return False
     unscale = scaler._unscale_grads_
 
-    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         return unscale(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = types.MethodType(_unscale_grads_, scaler)
