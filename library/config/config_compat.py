@@ -79,10 +79,12 @@ def toml_value_alias(dest: str, value: Any) -> Any:
 
 
 def means_unset(action: argparse.Action, value: Any) -> bool:
-    """True for the TOML spellings of "not set": ``""`` for an option without a real default or of a
-    numeric type, and ``[]`` for an option whose default is None (the GUI writes both)."""
+    """True for the TOML spellings of "not set": ``""`` for an option without a real default, of a
+    numeric type, a switch or one with choices, and ``[]`` for an option whose default is None (the
+    GUI writes both)."""
     if isinstance(value, str) and value.strip() == "":
-        return action.default is None or action.type in (int, float) or action.nargs == 0
+        return (action.default is None or action.type in (int, float) or action.nargs == 0
+                or (action.choices is not None and "" not in action.choices))
     if isinstance(value, list) and not value:
         return action.default is None and action.nargs != "+"
     return False

@@ -241,6 +241,7 @@ mixed_precision = "BF16"
 sample_sampler = "Euler_a"
 save_precision = "FP16"
 cache_latents = "true"
+loss_type = ""
 """)
     ns = parse("train_network", ["--config_file", str(cfg)])
     S.normalize_legacy_args(ns)
@@ -251,7 +252,7 @@ cache_latents = "true"
     assert ns.text_encoder_lr is None and ns.lr_scheduler_args is None
     assert (ns.keep_tokens, ns.max_train_epochs, ns.learning_rate) == (2, 4, 1e-4)
     assert (ns.mixed_precision, ns.sample_sampler, ns.save_precision) == ("bf16", "euler_a", "fp16")
-    assert ns.cache_latents is True
+    assert ns.cache_latents is True and ns.loss_type == "l2"  # "" = not set: the default
 
 
 def test_dynamo_backend_no_turns_torch_compile_off(tmp_path, caplog):
