@@ -125,12 +125,7 @@ def plan_items(args, metadata: dict) -> list:
 
 def main(argv=None) -> None:
     """Bucket, cache latents, write out_json."""
-    import torch
-
-    from library.data.buckets import check_bucket_reso_steps
-    from library.data.cachers import LatentCacheOptions, LatentCacher, VaeEncoder, module_fingerprint
-    from library.models.atomic import atomic_path
-    from tools.cache_latents import compute_dtype, load_vae_for
+    from library.data.buckets import check_bucket_reso_steps  # torch-free: option errors stay quick
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -140,6 +135,16 @@ def main(argv=None) -> None:
         logger.warning("--max_resolution %dx%d is below SDXL's 1024x1024; pass --max_resolution 1024,1024 "
                        "(and --max_bucket_reso 2048) unless you really train SDXL at a lower resolution",
                        width, height)
+    if not os.path.isfile(args.in_json):
+        raise UserError(f"in_json {args.in_json}: file not found")
+    if not os.path.isdir(args.train_data_dir):
+        raise UserError(f"train_data_dir {args.train_data_dir}: folder not found")
+    import torch  # the heavy imports start here
+
+    from library.data.cachers import LatentCacheOptions, LatentCacher, VaeEncoder, module_fingerprint
+    from library.models.atomic import atomic_path
+    from tools.cache_latents import compute_dtype, load_vae_for
+
     metadata = read_metadata(args.in_json)
     items = plan_items(args, metadata)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -72,9 +72,9 @@ def prepare(argv, description: str, cache_flag: str):
     """Parse and check the options, build the dataset (reporting every bad image) and find this
     process's place; returns ``(args, dataset group, Processes)``."""
     from library.config.args import parse_args_with_config
+    from library.config.dataset_cli import dataset_configs_from_values
     from library.config.schema import normalize_legacy_args
     from library.data.buckets import check_bucket_reso_steps
-    from library.data.dataset import build_dataset_group
 
     args = parse_args_with_config(build_parser(description), argv)
     normalize_legacy_args(args)
@@ -95,7 +95,10 @@ def prepare(argv, description: str, cache_flag: str):
     check_bucket_reso_steps(args.bucket_reso_steps, "--bucket_reso_steps")
     values = dict(vars(args))
     values[cache_flag] = True
-    group = build_dataset_group(values)
+    configs = dataset_configs_from_values(values)  # dataset config errors before the heavy imports
+    from library.data.dataset import build_dataset_group
+
+    group = build_dataset_group(values, configs=configs)
     return args, group, Processes()
 
 
@@ -124,9 +127,9 @@ def load_vae_for(model: str, vae: str | None, dtype):
 
 def main(argv=None) -> None:
     """Cache the latents of this process's share of the dataset."""
+    args, group, procs = prepare(argv, __doc__, "cache_latents_to_disk")
     from library.data.cachers import LatentCacheOptions, VaeEncoder, module_fingerprint, vae_cache_dtype
 
-    args, group, procs = prepare(argv, __doc__, "cache_latents_to_disk")
     dtype = vae_cache_dtype(args.mixed_precision, args.no_half_vae)  # the trainers' rule: same provenance
     vae = load_vae_for(args.pretrained_model_name_or_path, args.vae, None)  # weights as stored
     vae_id = module_fingerprint(vae)  # the id trainers compute for the same weights

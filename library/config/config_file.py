@@ -3,18 +3,23 @@
 A config file is a TOML file whose keys are option names. Keys may be grouped into any ``[section]``
 tables: sections are flattened, so ``[training] learning_rate = 1e-4`` and a top-level
 ``learning_rate = 1e-4`` are the same. Values are checked and converted with the option's own
-argparse type; an option given on the command line wins over the file. A UTF-8 byte-order mark at the
-start is accepted, as the dataset TOML reader accepts it.
+argparse type; an option given on the command line wins over the file.
 
-A config file is code you trust, as a command line is: ``optimizer_type`` / ``lr_scheduler_type``
-name any importable class (``module.Class``, as sd-scripts allows), which is imported and run. Read a
-config file from someone else before you use it.
+As in sd-scripts, a key the script does not use does not stop the run: options of our other scripts
+and keys other tools write (the kohya_ss GUI's ``epoch``, ``noise_offset_type``, ...) are skipped
+with one info line, and an unknown key gets one warning naming it, the file and the option it is
+probably a misspelling of. Values sd-scripts gives a meaning to are read with that meaning (see
+:mod:`library.config.config_compat`).
+
+A UTF-8 byte-order mark at the start is accepted, as the dataset TOML reader accepts it. A config file is
+code you trust, as a command line is: ``optimizer_type`` / ``lr_scheduler_type`` name any importable class
+(``module.Class``, as sd-scripts allows), which is imported and run. Read a config file from someone else
+before you use it.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import math
@@ -25,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from library.config import config_compat as compat
 from library.config.arg_types import add_options, flag, opt
 from library.errors import UserError
 
@@ -103,14 +109,20 @@ def flatten_sections(data: dict[str, Any], path: Path) -> dict[str, tuple[Any, s
     return flat
 
 
-def _unknown_key_message(unknown: list[tuple[str, str]], known: Sequence[str], path: Path) -> str:
-    parts = []
-    for key, section in unknown:
-        loc = f" (in [{section}])" if section else ""
-        guess = _HINTS.get(key) or next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
-        parts.append(f"'{key}'{loc}" + (f", did you mean '{guess}'?" if guess else ""))
-    noun = "option" if len(unknown) == 1 else "options"
-    return f"unknown {noun} in config file {path}: " + "; ".join(parts)
+def _report_unused_keys(unused: list[tuple[str, str]], actions: dict, path: Path, prog: str) -> None:
+    """Log the keys of ``path`` this parser does not use: info for known ones, a warning per unknown key."""
+    where = {k: s for k, s in unused}
+    others, foreign, unknown = compat.classify_keys([k for k, _ in unused], actions)
+    if others:
+        logger.info("config file %s: %s not used by %s; ignored", path, ", ".join(others), prog)
+    if foreign:
+        logger.info("config file %s: %s written by other tools (kohya_ss GUI, other sd-scripts trainers); "
+                    "ignored", path, ", ".join(foreign))
+    for key in unknown:
+        loc = f" (in [{where[key]}])" if where[key] else ""
+        guess = compat.suggestion(key, sorted(set(actions) | compat.known_option_names()), _HINTS)
+        hint = f"; did you mean '{guess}'?" if guess else ""
+        logger.warning("unknown option '%s'%s in config file %s is ignored%s", key, loc, path, hint)
 
 
 def _describe(action: argparse.Action) -> str:
@@ -134,6 +146,12 @@ def _convert_scalar(action: argparse.Action, value: Any) -> Any:
     if isinstance(value, bool):
         raise TypeError("boolean")
     if t is int:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                return int(text)
+            except ValueError:
+                value = float(text)  # "2.0" as sd-scripts' GUI writes it; "2.5" fails below
         if isinstance(value, float):
             if not (math.isfinite(value) and value.is_integer()):
                 raise ValueError("not whole")
@@ -145,13 +163,24 @@ def _convert_scalar(action: argparse.Action, value: Any) -> Any:
 
 
 def _convert_value(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
-    """Check and convert a config value for ``action``: flags need booleans, nargs options get lists."""
+    """Check and convert a config value for ``action``: flags need booleans, nargs options get lists.
+
+    Returns :data:`config_compat.NO_VALUE` for a value that means "not set" (``""``, ``[]``, or an
+    sd-scripts alias of the default such as ``max_token_length = 75``).
+    """
+    value = compat.toml_value_alias(action.dest, value)
+    if value is compat.NO_VALUE or compat.means_unset(action, value):
+        return compat.NO_VALUE
     if action.nargs == 0:
-        if not isinstance(value, bool):
+        switch = compat.flag_value(value)
+        if switch is None:
             raise UserError(f"config file {path}: '{key}' is an on/off switch and needs true or false, "
                             f"got {value!r}")
-        return value
+        return switch
+    if action.dest in compat._VALUE_ALIASES and value in compat._VALUE_ALIASES[action.dest].values():
+        return value  # an sd-scripts value with its own meaning (e.g. dynamo_backend = "no")
     is_list = action.nargs in ("*", "+") or isinstance(action.nargs, int)
+    choices = action.choices
     try:
         if is_list:
             if isinstance(value, str):
@@ -161,13 +190,17 @@ def _convert_value(action: argparse.Action, key: str, value: Any, path: Path) ->
             converted = [_convert_scalar(action, v) for v in items]
             if action.nargs == "+" and not converted:
                 raise ValueError("empty")
-            bad = [v for v in converted if action.choices is not None and v not in action.choices]
+            if choices is not None:
+                converted = [compat.match_choice(choices, v) for v in converted]
+            bad = [v for v in converted if choices is not None and v not in choices]
         else:
             if isinstance(value, list) and (action.type in (None, str)) and all(
                     isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
                 value = ",".join(str(v) for v in value)  # e.g. resolution = [1024, 1024]
             converted = _convert_scalar(action, value)
-            bad = [converted] if action.choices is not None and converted not in action.choices else []
+            if choices is not None:
+                converted = compat.match_choice(choices, converted)
+            bad = [converted] if choices is not None and converted not in choices else []
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
         detail = f" ({exc})" if isinstance(exc, argparse.ArgumentTypeError) else ""
         what = ("a list of " if is_list else "") + _describe(action)
@@ -180,14 +213,24 @@ def _convert_value(action: argparse.Action, key: str, value: Any, path: Path) ->
 def load_config_values(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     """Read a config TOML and return ``{dest: converted value}`` for the options of ``parser``.
 
-    Raises UserError for unknown keys (with a "did you mean") and for values of the wrong type.
+    Keys ``parser`` does not have are logged and skipped (see the module docstring); a value of the
+    wrong type raises UserError naming the file and key.
     """
     actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.option_strings}
     flat = flatten_sections(_read_toml(path), path)
-    unknown = [(k, s) for k, (_, s) in flat.items() if k not in actions and k not in _IGNORED_KEYS]
-    if unknown:
-        raise UserError(_unknown_key_message(unknown, sorted(actions), path))
-    return {k: _convert_value(actions[k], k, v, path) for k, (v, _) in flat.items() if k not in _IGNORED_KEYS}
+    if isinstance(flat.get("datasets", (None,))[0], list):
+        raise UserError(f"config file {path} has [[datasets]] tables: it looks like a dataset config; pass it "
+                        "with --dataset_config")
+    unused = [(k, s) for k, (_, s) in flat.items() if k not in actions and k not in _IGNORED_KEYS]
+    if unused:
+        _report_unused_keys(unused, actions, path, os.path.basename(parser.prog or "this script"))
+    values = {}
+    for k, (v, _) in flat.items():
+        if k in actions and k not in _IGNORED_KEYS:
+            converted = _convert_value(actions[k], k, v, path)
+            if converted is not compat.NO_VALUE:
+                values[k] = converted
+    return values
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None

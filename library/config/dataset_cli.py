@@ -2,15 +2,18 @@
 
 ``--train_data_dir`` holds DreamBooth folders named ``<repeats>_<class tokens>`` (``10_sks dog``),
 ``--reg_data_dir`` the same for regularisation images, ``--in_json`` a fine-tuning metadata file.
+:func:`dataset_configs_from_values` reads either these options or ``--dataset_config`` and checks
+the configs against the caching options; nothing here imports torch, so a bad dataset config is
+reported before the models' libraries are loaded.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from library.config.dataset_toml import DatasetConfig, build_dataset_configs
+from library.config.dataset_toml import DatasetConfig, build_dataset_configs, load_dataset_config
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,3 +91,61 @@ def dataset_config_from_cli(train_data_dir: Optional[str], reg_data_dir: Optiona
     document = {"datasets": [{"subsets": subsets}]}
     return build_dataset_configs(document, file=None, cli_defaults=general,
                                  allowed_kinds=allowed_kinds, check_paths=check_paths)
+
+
+def _subset_where(source: str, d: int, s: int, subset: Any) -> str:
+    name = subset.image_dir or subset.metadata_file
+    return f"{source}, dataset {d + 1} subset {s + 1} ({name})"
+
+
+def verify_text_encoder_cache_compat(configs: Sequence[DatasetConfig], source: str) -> None:
+    """Raise :class:`UserError` when any subset changes captions between steps (shuffle, dropout,
+    tag dropout, token warm-up), which cached text-encoder outputs cannot follow."""
+    from library.config.schema import check_te_cache_compat
+
+    for d, ds in enumerate(configs):
+        for s, sub in enumerate(ds.subsets):
+            check_te_cache_compat(sub.shuffle_caption, sub.caption_dropout_rate,
+                                  sub.caption_tag_dropout_rate, sub.token_warmup_step,
+                                  _subset_where(source, d, s, sub),
+                                  dropout_every_n_epochs=sub.caption_dropout_every_n_epochs)
+            if sub.enable_wildcard:
+                logger.warning("%s: enable_wildcard with cached text-encoder outputs: one fixed "
+                               "choice per caption is cached", _subset_where(source, d, s, sub))
+
+
+def verify_latent_cache_compat(configs: Sequence[DatasetConfig], source: str) -> None:
+    """Raise :class:`UserError` when any subset uses ``color_aug`` or ``random_crop``, which
+    cached latents cannot follow (``flip_aug`` is fine: flipped latents are cached too)."""
+    from library.config.schema import check_latent_cache_compat
+
+    for d, ds in enumerate(configs):
+        for s, sub in enumerate(ds.subsets):
+            check_latent_cache_compat(sub.color_aug, sub.random_crop,
+                                      _subset_where(source, d, s, sub))
+
+
+def dataset_configs_from_values(values: Mapping[str, Any], *,
+                                allowed_kinds: Optional[Sequence[str]] = None
+                                ) -> tuple[list[DatasetConfig], str]:
+    """The dataset configs a script's options describe, and a phrase naming where they came from.
+
+    ``--dataset_config`` if given, else ``--train_data_dir``/``--reg_data_dir``/``--in_json``.
+    Cache compatibility (``cache_text_encoder_outputs``/``cache_latents`` with caption or image
+    augmentation) is checked here, before any image is read. Raises UserError.
+    """
+    if values.get("dataset_config"):
+        source = f"dataset config {values['dataset_config']}"
+        configs = load_dataset_config(values["dataset_config"], cli_defaults=values,
+                                      allowed_kinds=allowed_kinds)
+    else:
+        source = "the command-line dataset options"
+        configs = dataset_config_from_cli(values.get("train_data_dir"), values.get("reg_data_dir"),
+                                          values.get("in_json"), values, allowed_kinds=allowed_kinds)
+    if values.get("cache_text_encoder_outputs") or values.get("cache_text_encoder_outputs_to_disk"):
+        verify_text_encoder_cache_compat(configs, source)
+    if values.get("cache_latents") or values.get("cache_latents_to_disk"):
+        verify_latent_cache_compat(configs, source)
+    if values.get("face_crop_aug_range") or any(s.face_crop_aug_range for c in configs for s in c.subsets):
+        logger.warning("face_crop_aug_range is not supported yet and is ignored")
+    return configs, source

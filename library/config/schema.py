@@ -117,6 +117,7 @@ def normalize_legacy_args(ns: argparse.Namespace) -> None:
     """Fold old option spellings into the current ones, in place (idempotent).
 
     caption_extention -> caption_extension; use_8bit_adam / use_lion_optimizer -> optimizer_type;
+    dynamo_backend "no" (from a TOML) -> no torch.compile;
     *_to_disk caching implies the in-memory switch; fp8_base_unet implies fp8_base;
     skip_latents_validity_check -> skip_cache_check.
     """
@@ -138,6 +139,12 @@ def normalize_legacy_args(ns: argparse.Namespace) -> None:
             setattr(ns, mem, True)
     if _get(ns, "fp8_base_unet"):
         ns.fp8_base = True
+    if str(_get(ns, "dynamo_backend", "")).lower() == "no":  # sd-scripts/GUI spelling of "do not compile"
+        if _get(ns, "torch_compile"):
+            logger.warning("dynamo_backend = \"no\" turns torch.compile off (as in sd-scripts); "
+                           "--torch_compile is ignored")
+        ns.torch_compile = False
+        ns.dynamo_backend = "inductor"
     if _get(ns, "skip_latents_validity_check"):
         logger.warning("--skip_latents_validity_check is deprecated; use --skip_cache_check")
         ns.skip_cache_check = True
@@ -229,7 +236,12 @@ def _check_precision(ns: argparse.Namespace, script: str) -> None:
     if mp == "no":
         raise UserError(f"{name} needs --mixed_precision fp16 or bf16: weights are stored in float8 and "
                         "computed in the mixed-precision dtype")
-    if not _cuda_available():
+
+
+def _check_device(ns: argparse.Namespace, script: str) -> None:
+    """Checks that need torch (imported only here, after every cheap check has passed)."""
+    if script != "train" and _get(ns, "fp8_base") and not _cuda_available():
+        name = "--fp8_base_unet" if _get(ns, "fp8_base_unet") else "--fp8_base"
         raise UserError(f"{name} needs a CUDA GPU (torch.cuda.is_available() is False); remove {name}")
 
 
@@ -357,7 +369,7 @@ def _warn_ineffective(ns: argparse.Namespace, script: str) -> None:
 
 _CHECKS: tuple[Callable[[argparse.Namespace, str], None], ...] = (
     _check_required, _check_paths, _check_precision, _check_caching, _check_buckets, _check_ranges,
-    _check_optimizer, _check_script, _warn_ineffective,
+    _check_optimizer, _check_script, _warn_ineffective, _check_device,
 )
 
 

@@ -104,7 +104,8 @@ class BucketManager:
 
     Modes: predefined buckets (``enable_bucket``, the default), ad-hoc buckets
     (``no_upscale``: images are only ever shrunk, ``min_size``/``max_size`` are ignored) and one
-    fixed bucket (``enable_bucket=False``: images are not resized, only cropped to ``resolution``).
+    fixed bucket (``enable_bucket=False``: every image is resized to cover ``resolution`` and
+    cropped to it, centred or, with ``random_crop``, at a random offset).
     """
 
     def __init__(self, resolution: Size, *, enable_bucket: bool = True, min_size: int = 256,
@@ -133,8 +134,8 @@ class BucketManager:
                random_crop: bool = False) -> BucketAssignment:
         """Pick the bucket for an image of ``image_size`` and the size to resize it to first.
 
-        ``path`` only makes error messages name the file; ``random_crop`` matters only without
-        bucketing, where an image larger than the resolution may only be cropped randomly.
+        ``path`` only makes error messages name the file; ``random_crop`` is accepted for callers
+        that pass it (the crop offset itself is drawn later by :func:`crop_for`).
         """
         width, height = int(image_size[0]), int(image_size[1])
         name = f"image {path} " if path else "image "
@@ -151,19 +152,12 @@ class BucketManager:
 
     def _assign_fixed(self, width: int, height: int, name: str,
                       random_crop: bool) -> BucketAssignment:
-        res_w, res_h = self.resolution
-        if width < res_w or height < res_h:
-            raise UserError(
-                f"{name}is {width}x{height}, smaller than the resolution {res_w}x{res_h}; "
-                "set enable_bucket = true (or --enable_bucket) or use larger images"
-            )
-        if (width > res_w or height > res_h) and not random_crop:
-            raise UserError(
-                f"{name}is {width}x{height}, larger than the resolution {res_w}x{res_h} while "
-                "bucketing is off; set enable_bucket = true, or random_crop = true to train on "
-                "random crops"
-            )
-        return BucketAssignment(self.resolution, (width, height), 0.0)
+        """Without bucketing, as sd-scripts caches it: resize to cover ``resolution``, then crop
+        (centred, or at a random offset with ``random_crop``; see :func:`crop_for`)."""
+        if (width, height) == self.resolution:
+            return BucketAssignment(self.resolution, (width, height), 0.0)
+        ar_error = abs(self.resolution[0] / self.resolution[1] - width / height)
+        return BucketAssignment(self.resolution, resized_size((width, height), self.resolution), ar_error)
 
     def _assign_predefined(self, width: int, height: int) -> BucketAssignment:
         if (width, height) in self._predefined_set:

@@ -40,12 +40,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from library.config.dataset_cli import dataset_config_from_cli
+from library.config.dataset_cli import (  # the checks live with the configs; re-exported here
+    _subset_where,
+    dataset_configs_from_values,
+    verify_latent_cache_compat,
+    verify_text_encoder_cache_compat,
+)
 from library.config.dataset_toml import (
     CONTROLNET,
     FINETUNE,
     DatasetConfig,
-    load_dataset_config,
 )
 from library.data.buckets import BucketAssignment, BucketManager, bucket_batches, bucket_summary, crop_for
 from library.data.cachers import CacheRunReport, LatentCacheOptions, TextEncoderCacheOptions
@@ -100,38 +104,6 @@ class DataOptions:
         skip = ("alpha_mask",)  # --alpha_mask reaches the subsets through the dataset config
         return cls(**{f.name: values[f.name] for f in fields(cls)
                       if f.name not in skip and values.get(f.name) is not None})
-
-
-def _subset_where(source: str, d: int, s: int, subset: Any) -> str:
-    name = subset.image_dir or subset.metadata_file
-    return f"{source}, dataset {d + 1} subset {s + 1} ({name})"
-
-
-def verify_text_encoder_cache_compat(configs: Sequence[DatasetConfig], source: str) -> None:
-    """Raise :class:`UserError` when any subset changes captions between steps (shuffle, dropout,
-    tag dropout, token warm-up), which cached text-encoder outputs cannot follow."""
-    from library.config.schema import check_te_cache_compat
-
-    for d, ds in enumerate(configs):
-        for s, sub in enumerate(ds.subsets):
-            check_te_cache_compat(sub.shuffle_caption, sub.caption_dropout_rate,
-                                  sub.caption_tag_dropout_rate, sub.token_warmup_step,
-                                  _subset_where(source, d, s, sub),
-                                  dropout_every_n_epochs=sub.caption_dropout_every_n_epochs)
-            if sub.enable_wildcard:
-                logger.warning("%s: enable_wildcard with cached text-encoder outputs: one fixed "
-                               "choice per caption is cached", _subset_where(source, d, s, sub))
-
-
-def verify_latent_cache_compat(configs: Sequence[DatasetConfig], source: str) -> None:
-    """Raise :class:`UserError` when any subset uses ``color_aug`` or ``random_crop``, which
-    cached latents cannot follow (``flip_aug`` is fine: flipped latents are cached too)."""
-    from library.config.schema import check_latent_cache_compat
-
-    for d, ds in enumerate(configs):
-        for s, sub in enumerate(ds.subsets):
-            check_latent_cache_compat(sub.color_aug, sub.random_crop,
-                                      _subset_where(source, d, s, sub))
 
 
 class DatasetGroup(torch.utils.data.Dataset):
@@ -574,26 +546,15 @@ class PairTokenizer:
 
 
 def build_dataset_group(values: Mapping[str, Any], *,
-                        allowed_kinds: Optional[Sequence[str]] = None) -> DatasetGroup:
+                        allowed_kinds: Optional[Sequence[str]] = None,
+                        configs: Optional[tuple[list[DatasetConfig], str]] = None) -> DatasetGroup:
     """The :class:`DatasetGroup` a script's options describe (``values``: plain option values,
     e.g. ``vars(args)``, argparse names).
 
-    ``--dataset_config`` if given, else ``--train_data_dir``/``--reg_data_dir``/``--in_json``.
-    Cache compatibility (``cache_text_encoder_outputs``/``cache_latents`` with caption or image
-    augmentation) is checked on the configs before any image is read.
+    ``--dataset_config`` if given, else ``--train_data_dir``/``--reg_data_dir``/``--in_json``
+    (see :func:`~library.config.dataset_cli.dataset_configs_from_values`, which also checks cache
+    compatibility before any image is read). ``configs``: the ``(configs, source)`` that function
+    already returned, so a script can check its dataset config before the heavy imports.
     """
-    if values.get("dataset_config"):
-        source = f"dataset config {values['dataset_config']}"
-        configs = load_dataset_config(values["dataset_config"], cli_defaults=values,
-                                      allowed_kinds=allowed_kinds)
-    else:
-        source = "the command-line dataset options"
-        configs = dataset_config_from_cli(values.get("train_data_dir"), values.get("reg_data_dir"),
-                                          values.get("in_json"), values, allowed_kinds=allowed_kinds)
-    if values.get("cache_text_encoder_outputs") or values.get("cache_text_encoder_outputs_to_disk"):
-        verify_text_encoder_cache_compat(configs, source)
-    if values.get("cache_latents") or values.get("cache_latents_to_disk"):
-        verify_latent_cache_compat(configs, source)
-    if values.get("face_crop_aug_range") or any(s.face_crop_aug_range for c in configs for s in c.subsets):
-        logger.warning("face_crop_aug_range is not supported yet and is ignored")
+    configs, source = configs or dataset_configs_from_values(values, allowed_kinds=allowed_kinds)
     return DatasetGroup(configs, DataOptions.from_values(values), source=source)

@@ -44,6 +44,7 @@ from library.data.cachers import (CacheRunReport, LatentCacheItem, LatentCacheOp
                                   TextEncoderCacheItem, TextEncoderCacheOptions,
                                   TextEncoderOutputCacher, latent_provenance, load_cached_te_outputs,
                                   te_provenance)
+from library.data.caption_check import warn_caption_fallbacks
 from library.data.captions import caption_path_candidates, read_caption
 from library.data.images import is_image_path
 from library.errors import UserError
@@ -205,6 +206,9 @@ def _folder_candidates(subset: SubsetConfig, kind: str) -> tuple[list[Candidate]
                        ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
     if not candidates and not problems:
         logger.warning("no images found in %s", subset.image_dir)
+    warn_caption_fallbacks(subset.image_dir, subset.caption_extension,
+                           [c.path for c in candidates if c.caption_source is None],
+                           len(candidates) + len(problems), subset.class_tokens)
     return candidates, problems
 
 

@@ -52,18 +52,33 @@ def modelspec_metadata(
 
 
 def tensor_payload_hashes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
-    """``sshs_model_hash`` (sha256 of the safetensors bytes as written) and ``sshs_legacy_hash``.
+    """``sshs_model_hash`` and ``sshs_legacy_hash`` of the safetensors file ``state`` is written to.
 
-    Computed over the serialised file with only ``ss_*``-free metadata, so a tool can recompute it
-    from the file without the training metadata.
+    A1111 and Civitai read these instead of hashing the file. ``sshs_model_hash`` is the sha256 of
+    the bytes after the safetensors header (8-byte length + header JSON), which do not depend on the
+    metadata, so it equals the hash of the final file whatever metadata it gets. ``sshs_legacy_hash``
+    is, as sd-scripts and sd-webui-additional-networks compute it, the first 8 hex digits of the
+    sha256 of bytes 0x100000..0x110000 of the file serialised with only its ``ss_*`` metadata.
     """
     from safetensors.torch import save
 
-    core = {k: v for k, v in metadata.items() if not k.startswith("ss_")}
-    data = save(dict(state), metadata=core)
-    full = hashlib.sha256(data).hexdigest()
-    legacy = hashlib.sha256(data[0x100000:0x110000] if len(data) > 0x110000 else data).hexdigest()[:8]
-    return {"sshs_model_hash": full, "sshs_legacy_hash": legacy}
+    training_meta = {k: str(v) for k, v in metadata.items() if k.startswith("ss_")}
+    data = save(dict(state), metadata=training_meta)
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(memoryview(data)[8 + header_len:]).hexdigest()
+    legacy = hashlib.sha256(memoryview(data)[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
+
+
+def safetensors_payload_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a safetensors file's bytes after its header (what ``sshs_model_hash`` holds)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:

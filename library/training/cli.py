@@ -20,15 +20,17 @@ def configure_logging(ns: Any) -> None:
     logging.getLogger("diffusers").setLevel(max(level, logging.ERROR))  # its dtype-cast notices are noise here
 
 
-def build_data(ns: Any, cfg: TrainConfig, allowed_kinds=None):
+def build_data(ns: Any, cfg: TrainConfig, allowed_kinds=None, configs=None):
     """The dataset group from --dataset_config or the command-line dataset options.
 
-    Every image is scanned here, so bad files are reported before any model loads.
+    Every image is scanned here, so bad files are reported before any model loads. ``configs``:
+    the ``(configs, source)`` of :func:`~library.config.dataset_cli.dataset_configs_from_values`
+    when the script already read them.
     """
     from library.data.dataset import build_dataset_group
 
     values = dict(vars(ns))
-    return build_dataset_group(values, allowed_kinds=allowed_kinds)
+    return build_dataset_group(values, allowed_kinds=allowed_kinds, configs=configs)
 
 
 def make_sampler_callback(ns: Any) -> Callable | None:
@@ -63,18 +65,22 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
     parsed options into the training method.
     """
     from library.config.args import build_trainer_parser, parse_args_with_config
+    from library.config.dataset_cli import dataset_configs_from_values
     from library.config.schema import validate_training_args
     from library.training.preflight import run_preflight
-    from library.training.setup import run_training
 
+    # Everything up to here imports no torch/diffusers, so --help and option/config errors are quick.
     parser = build_trainer_parser(script, description=description)
     ns = parse_args_with_config(parser, argv)
     configure_logging(ns)
     validate_training_args(ns, script)
     lock = run_preflight(preflight_options(ns))  # folders, lock, sample prompts, --resume: before loading
     cfg = TrainConfig.from_namespace(ns)
+    configs = dataset_configs_from_values(dict(vars(ns)))
+    from library.training.setup import run_training  # the heavy imports start here
+
     try:
-        data = build_data(ns, cfg)  # scans every image before any model loads
+        data = build_data(ns, cfg, configs=configs)  # scans every image before any model loads
         path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
     finally:
         if lock is not None:

@@ -29,6 +29,7 @@ from library.training import save_guard, state_io
 from library.training.config import TrainConfig
 from library.training.fused_backward import check_fused_backward, fused_backward_step
 from library.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, parse_scheduler_args
+from library.training.precision import allow_fp16_gradients, check_mixed_precision_device
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with = ["tensorboard", "wandb"] if cfg.log_with == "all" else [cfg.log_with]
     if log_with and not cfg.logging_dir and "tensorboard" in log_with:
         raise UserError("--log_with tensorboard needs --logging_dir")
-    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
-                       log_with=log_with, project_dir=cfg.logging_dir)
+    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
+                      log_with=log_with, project_dir=cfg.logging_dir)
+    check_mixed_precision_device(cfg.mixed_precision, acc.device.type)  # before any model loads
+    return acc
 
 
 class Trainer:
@@ -127,6 +130,8 @@ class Trainer:
         self.optimizer, self.loader, self.lr_scheduler = prepared[len(modules):]
         self.trained = list(prepared[:len(modules)])
         self.trained_params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        if cfg.full_fp16:
+            allow_fp16_gradients(acc)  # fp16 weights: the GradScaler must unscale fp16 gradients
         self.fused = None
         if cfg.fused_backward_pass:
             check_fused_backward(cfg.optimizer_type, cfg.gradient_accumulation_steps, cfg.mixed_precision,

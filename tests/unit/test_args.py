@@ -187,19 +187,82 @@ lr_warmup_steps = 0.1
     assert ns.resolution == "1024" and ns.lr_warmup_steps == pytest.approx(0.1)
 
 
-def test_unknown_key_error_with_suggestion(tmp_path):
-    cfg = write(tmp_path / "typo.toml", "[optimizer]\nlearnin_rate = 1e-4\n")
-    with pytest.raises(UserError) as exc:
-        parse("train", ["--config_file", str(cfg)])
-    msg = str(exc.value)
+def test_unknown_key_warns_with_suggestion_and_run_goes_on(tmp_path, caplog):
+    cfg = write(tmp_path / "typo.toml", "[optimizer]\nlearnin_rate = 1e-4\nlearning_rate = 3e-4\n")
+    with caplog.at_level(logging.INFO, logger="library.config.config_file"):
+        ns = parse("train", ["--config_file", str(cfg)])
+    assert ns.learning_rate == 3e-4  # the real option is still read
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0]
     assert "learnin_rate" in msg and str(cfg) in msg and "did you mean 'learning_rate'" in msg
-    assert "\n" not in msg
+    assert "[optimizer]" in msg and "\n" not in msg
+    caplog.clear()
     cfg = write(tmp_path / "ds.toml", "batch_size = 4\n")
-    with pytest.raises(UserError, match="train_batch_size"):
+    with caplog.at_level(logging.WARNING, logger="library.config.config_file"):
         parse("train", ["--config_file", str(cfg)])
-    cfg = write(tmp_path / "net.toml", "network_dim = 4\n")  # a LoRA option is unknown to sdxl_train
-    with pytest.raises(UserError, match="network_dim"):
+    assert "did you mean 'train_batch_size'" in caplog.text
+
+
+def test_other_scripts_options_and_gui_keys_are_skipped_without_warning(tmp_path, caplog):
+    # network_dim / text_encoder_lr are LoRA options (sd-scripts' sdxl_train.py ignores them);
+    # epoch / noise_offset_type / sdxl are kohya_ss GUI fields.
+    cfg = write(tmp_path / "net.toml", 'network_dim = 4\ntext_encoder_lr = 1e-5\nepoch = 3\n'
+                'noise_offset_type = "Original"\nsdxl = true\n')
+    with caplog.at_level(logging.INFO, logger="library.config.config_file"):
+        ns = parse("train", ["--config_file", str(cfg)])
+    assert not hasattr(ns, "network_dim") and not hasattr(ns, "epoch")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    info = " ".join(r.getMessage() for r in caplog.records)
+    assert "network_dim, text_encoder_lr not used by" in info and "epoch, noise_offset_type, sdxl" in info
+
+
+def test_dataset_toml_given_as_config_file_is_an_error(tmp_path):
+    cfg = write(tmp_path / "ds.toml", '[general]\nenable_bucket = true\n[[datasets]]\nresolution = 1024\n')
+    with pytest.raises(UserError, match="--dataset_config"):
         parse("train", ["--config_file", str(cfg)])
+
+
+def test_sd_scripts_toml_values_keep_their_meaning(tmp_path):
+    cfg = write(tmp_path / "gui.toml", """
+max_token_length = 75
+dynamo_backend = "no"
+persistent_data_loader_workers = 1
+gradient_checkpointing = 0
+sample_prompts = ""
+huggingface_repo_id = ""
+vae = ""
+text_encoder_lr = []
+lr_scheduler_args = []
+keep_tokens = "2"
+max_train_epochs = "4.0"
+learning_rate = "1e-4"
+mixed_precision = "BF16"
+sample_sampler = "Euler_a"
+save_precision = "FP16"
+cache_latents = "true"
+loss_type = ""
+""")
+    ns = parse("train_network", ["--config_file", str(cfg)])
+    S.normalize_legacy_args(ns)
+    assert ns.max_token_length is None                          # 75 = the default length
+    assert ns.dynamo_backend == "inductor" and ns.torch_compile is False
+    assert ns.persistent_data_loader_workers is True and ns.gradient_checkpointing is False
+    assert ns.sample_prompts is None and ns.huggingface_repo_id is None and ns.vae is None
+    assert ns.text_encoder_lr is None and ns.lr_scheduler_args is None
+    assert (ns.keep_tokens, ns.max_train_epochs, ns.learning_rate) == (2, 4, 1e-4)
+    assert (ns.mixed_precision, ns.sample_sampler, ns.save_precision) == ("bf16", "euler_a", "fp16")
+    assert ns.cache_latents is True and ns.loss_type == "l2"  # "" = not set: the default
+
+
+def test_dynamo_backend_no_turns_torch_compile_off(tmp_path, caplog):
+    cfg = write(tmp_path / "c.toml", 'dynamo_backend = "no"\ntorch_compile = true\n')
+    ns = parse("train_network", ["--config_file", str(cfg)])
+    with caplog.at_level(logging.WARNING):
+        S.normalize_legacy_args(ns)
+    assert ns.torch_compile is False and "turns torch.compile off" in caplog.text
+    with pytest.raises(SystemExit):  # on the command line argparse's choices still apply, as in sd-scripts
+        parse("train_network", ["--dynamo_backend", "no"])
 
 
 @pytest.mark.parametrize("text, fragment", [

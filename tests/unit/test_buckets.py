@@ -117,15 +117,18 @@ def test_bucket_no_upscale_tiny_image_rejected():
         BucketManager((1024, 1024), no_upscale=True).assign((20, 500), path="tiny.png")
 
 
-def test_fixed_resolution_mode():
+def test_fixed_resolution_mode_resizes_to_cover_then_crops():
+    # Without buckets every image is resized to cover the resolution, as sd-scripts' cache does.
     manager = BucketManager((1024, 1024), enable_bucket=False)
-    assert manager.assign((1024, 1024)).bucket == (1024, 1024)
-    got = manager.assign((1500, 1200), random_crop=True)
-    assert got.bucket == (1024, 1024) and got.resized_size == (1500, 1200)
-    with pytest.raises(UserError, match="random_crop"):
-        manager.assign((1500, 1200), path="big.png")
-    with pytest.raises(UserError, match="small.png.*smaller"):
-        manager.assign((800, 1200), path="small.png", random_crop=True)
+    assert manager.assign((1024, 1024)).resized_size == (1024, 1024)
+    big = manager.assign((1500, 1200), path="big.png")
+    assert big.bucket == (1024, 1024) and big.resized_size == (1280, 1024)
+    small = manager.assign((800, 1200), path="small.png")  # smaller images are enlarged
+    assert small.bucket == (1024, 1024) and small.resized_size == (1024, 1536)
+    wide = BucketManager((1024, 768), enable_bucket=False).assign((640, 640))
+    assert wide.bucket == (1024, 768) and wide.resized_size == (1024, 1024)
+    plan = crop_for((800, 1200), small.bucket, random_crop=False, rng=None, resized=small.resized_size)
+    assert (plan.left, plan.top) == (0, 256)
 
 
 def test_center_crop_offsets_are_the_real_crop():

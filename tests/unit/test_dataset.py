@@ -380,9 +380,9 @@ def test_no_bucketing_fixed_resolution(tmp_path: Path) -> None:
     batch = _group(document)[0]
     assert batch["images"].shape == (1, 3, 64, 64)
     assert batch["target_sizes_hw"].tolist() == [[64, 64]] and batch["original_sizes_hw"].tolist() == [[64, 96]]
-    with pytest.raises(UserError, match="larger than the resolution"):
-        _group({"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "img"),
-                                                                           "class_tokens": "c"}]}]})
+    centred = _group({"general": {"resolution": 64}, "datasets": [{"subsets": [
+        {"image_dir": str(tmp_path / "img"), "class_tokens": "c"}]}]})[0]
+    assert centred["images"].shape == (1, 3, 64, 64) and centred["crop_top_lefts"].tolist() == [[0, 16]]
 
 
 def test_validation_split_holds_images_out(tmp_path: Path) -> None:

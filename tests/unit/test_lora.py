@@ -302,6 +302,43 @@ def test_save_load_round_trip(tiny, tmp_path, dtype):
         assert torch.equal(other.state_dict()[key], value.to(dtype or value.dtype).float())
 
 
+def _bytes_after_header(path) -> bytes:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, header JSON, tensor data
+    return raw[8 + n:]
+
+
+def test_sshs_hashes_are_sd_scripts_hashes_of_the_written_file(tiny, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save
+
+    from library.models.metadata import safetensors_payload_sha256
+
+    net = _net(tiny, dim=16, conv_dim="8")  # > 1.1 MB of tensors, so the legacy window holds data
+    net.apply_to([tiny.text_encoder1, tiny.text_encoder2], tiny.unet)
+    _randomize_up(net)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    net.save_weights(a, None, {"ss_network_dim": "16", "modelspec.title": "one", "ss_seed": "1"})
+    net.save_weights(b, None, {"ss_network_dim": "16", "modelspec.title": "another title", "ss_seed": "1"})
+    with safe_open(str(a), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    assert len(a.read_bytes()) > 0x110000
+    # sshs_model_hash: sha256 of the file after its header, what A1111/Civitai would compute
+    assert meta["sshs_model_hash"] == hashlib.sha256(_bytes_after_header(a)).hexdigest()
+    assert meta["sshs_model_hash"] == safetensors_payload_sha256(str(a))
+    assert meta["sshs_model_hash"] != hashlib.sha256(a.read_bytes()).hexdigest()
+    # sshs_legacy_hash: sd-scripts' definition, over the file serialised with its ss_* metadata only
+    ss_only = save(state, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+    with safe_open(str(b), "pt") as f:
+        meta_b = f.metadata()
+    assert (meta_b["sshs_model_hash"], meta_b["sshs_legacy_hash"]) == (meta["sshs_model_hash"],
+                                                                       meta["sshs_legacy_hash"])
+
+
+
 def test_pt_format_and_strict_unknown_keys(tiny, tmp_path):
     net = _net(tiny)
     net.save_weights(tmp_path / "x.pt", None, None)
