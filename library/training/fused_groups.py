@@ -23,7 +23,14 @@ import torch
 
 from library.errors import UserError
 from library.training.fused_backward import _default_factory
-from library.training.optim import _unwrap
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer`` (itself an
+    ``Optimizer`` subclass, holding the real one as ``.optimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class _Group:
@@ -43,7 +50,7 @@ class FusedOptimizerGroups:
                  optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None) -> None:
         if num_groups < 1:
             raise UserError(f"--fused_optimizer_groups must be at least 1, got {num_groups}")
-        self.master = _unwrap(optimizer)
+        self.master = inner_optimizer(optimizer)
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         factory = optimizer_factory or _default_factory(self.master)
         ordered: list[tuple[int, torch.Tensor]] = []

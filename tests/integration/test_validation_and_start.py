@@ -85,10 +85,10 @@ def images(tiny_model_dir, tmp_path) -> Path:
     return dst
 
 
-def dataset_toml(path: Path, images: Path, **dataset) -> Path:
+def dataset_toml(path: Path, images: Path, batch_size: int = 2, **dataset) -> Path:
     lines = ["[general]", "resolution = 64", "enable_bucket = true", "min_bucket_reso = 32",
              "max_bucket_reso = 128", "bucket_reso_steps = 32", "caption_extension = '.caption'", "",
-             "[[datasets]]", "batch_size = 2"]
+             "[[datasets]]", f"batch_size = {batch_size}"]
     lines += [f"{k} = {v!r}" for k, v in dataset.items()]
     lines += ["", "[[datasets.subsets]]", f"image_dir = '{images.as_posix()}'", "num_repeats = 1"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -140,3 +140,60 @@ def test_lora_validation_loss(tiny_ckpt, images, tmp_path, capsys):
     a, b = load_file(out / "lora.safetensors"), load_file(tmp_path / "plain" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [s[0] for s in plain.seen] == [s[0] for s in trainer.seen]
+
+
+def test_initial_step_skips_exactly_and_save_n_epoch_ratio(tiny_ckpt, images, tmp_path):
+    """--initial_step 3 --skip_until_initial_step trains steps 3.. of the straight run: same batches, same
+    lrs; the straight run's 4 epochs with --save_n_epoch_ratio 2 save every floor(4 / 2) = 2 epochs."""
+    from safetensors import safe_open
+
+    config = dataset_toml(tmp_path / "data.toml", images, batch_size=8)  # 2 bucket batches per epoch
+    sched = ["--lr_scheduler", "linear", "--max_train_epochs", "4"]
+    straight = make_trainer("train_network", lora_args(tiny_ckpt, config, tmp_path / "a", *sched,
+                                                       "--save_n_epoch_ratio", "2", "--save_every_n_epochs", "1"))
+    assert straight.cfg.save_every_n_epochs == 2 and straight.max_steps == 8
+    straight.train()
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.safetensors")) == ["lora-000002.safetensors",
+                                                                               "lora.safetensors"]
+    skipped = make_trainer("train_network", lora_args(tiny_ckpt, config, tmp_path / "b", *sched,
+                                                      "--initial_step", "3", "--skip_until_initial_step"))
+    assert (skipped.run.progress.global_step, skipped.run.progress.epoch) == (3, 1)
+    skipped.train()
+    assert [s[2] for s in skipped.seen] == [3, 4, 5, 6, 7]
+    assert [s[0] for s in skipped.seen] == [s[0] for s in straight.seen[3:]]  # exactly 3 batches skipped
+    assert [s[1] for s in skipped.seen] == [s[1] for s in straight.seen[3:]]  # the schedule starts at step 3
+    assert skipped.seen[0][1] < straight.seen[0][1]
+    with safe_open(str(tmp_path / "b" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "8"
+
+
+def test_fused_optimizer_groups_and_cpu_offload_checkpointing_match_the_plain_run(tiny_ckpt, images, tmp_path):
+    """sdxl_train with AdamW: 3 fused groups + offloaded checkpointing == the plain optimizer, within float
+    tolerance; validation runs on uncached latents (VAE sampled with the validation generator)."""
+    from library.training.offload_checkpointing import offloaded_checkpoint
+
+    config = dataset_toml(tmp_path / "data.toml", images, validation_split=0.25)
+    base = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--dataset_config", str(config),
+            "--output_name", "ft", "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--max_grad_norm", "0",
+            "--max_train_steps", "3", "--seed", "1", "--max_data_loader_n_workers", "0",
+            "--cache_text_encoder_outputs"]
+    plain = make_trainer("train", [*base, "--output_dir", str(tmp_path / "a")])
+    before = {k: v.clone() for k, v in plain.run.accelerator.unwrap_model(plain.run.models.unet).state_dict().items()}
+    plain.train()
+    fused = make_trainer("train", [*base, "--output_dir", str(tmp_path / "b"), "--fused_optimizer_groups", "3",
+                                   "--cpu_offload_checkpointing"])
+    assert len(fused.fused) == 3
+    unet = fused.run.accelerator.unwrap_model(fused.run.models.unet)
+    assert unet.down_blocks[1].gradient_checkpointing
+    assert unet.down_blocks[1]._gradient_checkpointing_func is offloaded_checkpoint
+    first = fused.validation.evaluate()
+    assert first == fused.validation.evaluate()  # VAE sampling is seeded too
+    fused.train()
+    a = plain.run.accelerator.unwrap_model(plain.run.models.unet).state_dict()
+    b = unet.state_dict()
+    assert sum(not torch.equal(before[k], a[k]) for k in a) > len(a) // 2  # the run trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    pv = [h["loss"] for h in plain.validation.history]
+    fv = [h["loss"] for h in fused.validation.history][-len(pv):]
+    assert pv and fv == pytest.approx(pv, rel=1e-5)
