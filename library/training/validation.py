@@ -234,3 +234,19 @@ def _schedule_free(optimizer: Any) -> Any:
 
     inner = inner_optimizer(optimizer)
     return inner if is_schedule_free(inner) and hasattr(inner, "eval") else None
+
+
+def validation_metadata(cfg: Any, data: Any) -> dict[str, str]:
+    """sd-scripts' ``ss_*`` validation keys for a saved file (``cfg``: TrainConfig, ``data``: the
+    training DatasetGroup). ``ss_validation_split`` is the datasets' split (a list when they differ)."""
+    configs = getattr(data, "configs", [])
+    splits = sorted({float(getattr(c, "validation_split", 0.0) or 0.0) for c in configs}) or [0.0]
+    seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
+    return {
+        "ss_num_validation_images": str(getattr(data, "num_validation_images", 0)),
+        "ss_validation_split": str(splits[0] if len(splits) == 1 else splits),
+        "ss_validation_seed": str(seed),
+        "ss_max_validation_steps": str(cfg.max_validation_steps),
+        "ss_validate_every_n_epochs": str(cfg.validate_every_n_epochs),
+        "ss_validate_every_n_steps": str(cfg.validate_every_n_steps),
+    }

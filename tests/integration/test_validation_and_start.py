@@ -133,6 +133,11 @@ def test_lora_validation_loss(tiny_ckpt, images, tmp_path, capsys):
     steps = [h["step"] for h in v.history if h["kind"] == "step"]
     assert steps == [2, 4]
     assert "val_loss=" in capsys.readouterr().err  # the progress bar shows it
+    from safetensors import safe_open
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_validation_images"], meta["ss_validation_split"], meta["ss_num_train_images"]) == \
+        ("2", "0.25", "6")
 
     # the same run without validation trains to bit-identical weights
     plain = make_trainer("train_network", lora_args(tiny_ckpt, config, tmp_path / "plain", "--max_train_steps", "4"))
