@@ -17,7 +17,8 @@ take their learning rates from the master's param groups, which the LR scheduler
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-def initial_global_step(initial_step: Optional[int], initial_epoch: Optional[int],
-                        steps_per_epoch: int) -> Optional[int]:
+def initial_global_step(initial_step: int | None, initial_epoch: int | None,
+                        steps_per_epoch: int) -> int | None:
     """The step a run starts at, or None when neither option is given."""
     if initial_step is not None:
         if initial_step < 0:
@@ -49,8 +49,8 @@ def advance_lr_scheduler(lr_scheduler: Any, steps: int) -> None:
             inner.step()
 
 
-def apply_initial_step(progress: Any, lr_scheduler: Any, *, initial_step: Optional[int],
-                       initial_epoch: Optional[int], skip_batches: bool, steps_per_epoch: int,
+def apply_initial_step(progress: Any, lr_scheduler: Any, *, initial_step: int | None,
+                       initial_epoch: int | None, skip_batches: bool, steps_per_epoch: int,
                        max_steps: int, gradient_accumulation_steps: int = 1, num_processes: int = 1) -> None:
     """Set ``progress`` (a :class:`~library.training.checkpointing.TrainProgress`) and the LR schedule
     to the start position the options ask for (nothing when neither option is given)."""

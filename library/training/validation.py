@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,13 +57,13 @@ class ValidationSettings:
     """When and how much to validate (plain values from the options)."""
 
     seed: int = 0
-    every_n_steps: Optional[int] = None
-    every_n_epochs: Optional[int] = None
-    max_steps: Optional[int] = None  # validation batches per evaluation (None: all)
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    max_steps: int | None = None  # validation batches per evaluation (None: all)
     timesteps: tuple[int, ...] = validation_timesteps()
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ValidationSettings":
+    def from_config(cls, cfg: Any) -> ValidationSettings:
         """From a :class:`~library.training.config.TrainConfig`."""
         seed = cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0)
         return cls(seed=seed, every_n_steps=cfg.validate_every_n_steps, every_n_epochs=cfg.validate_every_n_epochs,
@@ -82,9 +82,9 @@ class Validator:
         self.trainer = trainer
         self.data = data  # the validation DatasetGroup, or None
         self.settings = settings
-        self.last: Optional[float] = None
+        self.last: float | None = None
         self.history: list[dict] = []  # every result: {"kind", "step", "epoch", "loss"}
-        self._train_sum: Optional[torch.Tensor] = None
+        self._train_sum: torch.Tensor | None = None
         self._train_count = 0
         self._loader = None
         if data is None and (settings.every_n_steps or settings.every_n_epochs or settings.max_steps):
@@ -96,7 +96,7 @@ class Validator:
                         trainer.run.data.num_validation_images, self.num_batches, list(settings.timesteps))
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> "Validator":
+    def for_trainer(cls, trainer: Any) -> Validator:
         """The validator of ``trainer``'s run (inactive when no dataset sets ``validation_split``)."""
         make = getattr(trainer.run.data, "validation_group", None)
         data = make() if make is not None else None
@@ -121,14 +121,14 @@ class Validator:
         self._train_sum = value if self._train_sum is None else self._train_sum + value
         self._train_count += 1
 
-    def after_step(self, bar: Any = None) -> Optional[float]:
+    def after_step(self, bar: Any = None) -> float | None:
         """Validate when the global step is a multiple of ``--validate_every_n_steps``."""
         every, step = self.settings.every_n_steps, self.trainer.run.progress.global_step
         if not self.active or not every or step % every:
             return None
         return self._run("step", bar)
 
-    def after_epoch(self, bar: Any = None) -> Optional[float]:
+    def after_epoch(self, bar: Any = None) -> float | None:
         """Validate at the end of an epoch (every ``--validate_every_n_epochs``-th, default each)."""
         epoch = self.trainer.run.progress.epoch  # epochs completed
         every = self.settings.every_n_epochs
@@ -138,7 +138,7 @@ class Validator:
         self._train_sum, self._train_count = None, 0
         return result
 
-    def after_training(self, bar: Any = None) -> Optional[float]:
+    def after_training(self, bar: Any = None) -> float | None:
         """The epoch validation of a last epoch that ``--max_train_steps`` cut short."""
         p = self.trainer.run.progress
         every = self.settings.every_n_epochs
@@ -151,12 +151,12 @@ class Validator:
         return {} if self.last is None else {"val_loss": f"{self.last:.4f}"}
 
     # --- evaluation ------------------------------------------------------------------------------
-    def _train_mean(self) -> Optional[float]:
+    def _train_mean(self) -> float | None:
         if self._train_sum is None or not self._train_count:
             return None
         return (self._train_sum / self._train_count).item()
 
-    def _run(self, kind: str, bar: Any, epoch: Optional[int] = None) -> float:
+    def _run(self, kind: str, bar: Any, epoch: int | None = None) -> float:
         tr = self.trainer
         value = self.evaluate()
         self.last = value

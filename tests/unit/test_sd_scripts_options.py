@@ -149,7 +149,10 @@ def test_fused_groups_clip_per_group_and_step_groups_without_gradients():
 # ----------------------------------------------------------------------------- offloaded checkpointing
 def test_cpu_offload_checkpointing_gives_the_same_loss_and_gradients(tiny_ckpt):
     from library.models.checkpoint_io import load_sdxl
-    from library.training.offload_checkpointing import enable_cpu_offload_checkpointing, offloaded_checkpoint
+    from library.training.offload_checkpointing import (
+        enable_cpu_offload_checkpointing,
+        offloaded_checkpoint,
+    )
 
     unet = load_sdxl(tiny_ckpt).unet.train().requires_grad_(True)
     g = torch.Generator().manual_seed(0)
