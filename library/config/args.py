@@ -131,14 +131,16 @@ _DATASET = [
     flag("weighted_captions", "Read A1111-style attention weights like '(word:1.3)' in captions."),
     flag("skip_bad_images", "Skip unreadable or corrupt images (each is reported by path) instead of "
          "stopping with an error."),
-    opt("validation_split", "Fraction of the training images held out for validation loss.",
+    opt("validation_split", "Fraction of each dataset's training images held out (never trained on) for the "
+        "validation loss; a dataset config's validation_split wins.",
         type=float, default=0.0),
-    opt("validation_seed", "Seed of the validation split and validation noise (default: --seed).",
+    opt("validation_seed", "Seed of the validation split and of the fixed validation noise (default: --seed).",
         type=int, default=None),
-    opt("validate_every_n_steps", "Compute the validation loss every N steps.", type=int, default=None),
+    opt("validate_every_n_steps", "Compute the validation loss every N steps (logged as "
+        "loss/validation/step_average).", type=int, default=None),
     opt("validate_every_n_epochs", "Compute the validation loss every N epochs (default: every epoch when "
         "there is a validation split).", type=int, default=None),
-    opt("max_validation_steps", "Limit the number of validation batches per validation run.",
+    opt("max_validation_steps", "Use at most N validation batches per evaluation (each at 4 fixed timesteps).",
         type=int, default=None),
 ]
 
@@ -176,7 +178,8 @@ _PRECISION = [
     flag("fp8_base_unet", "Store only the frozen U-Net in float8; the text encoders stay in fp16/bf16."),
     flag("no_half_vae", "Keep the VAE in float32 (the SDXL VAE produces NaNs in fp16)."),
     flag("gradient_checkpointing", "Recompute activations in the backward pass to save memory."),
-    flag("cpu_offload_checkpointing", "Offload checkpointed activations to CPU memory (experimental)."),
+    flag("cpu_offload_checkpointing", "Keep the U-Net's gradient-checkpointed block inputs in CPU memory between "
+         "forward and backward (less GPU memory, two copies per block; turns on --gradient_checkpointing)."),
     opt("gradient_accumulation_steps", "Number of batches whose gradients are summed before each optimizer step.",
         type=int, default=1),
     flag("sdpa", "Use PyTorch scaled-dot-product attention. Accepted for compatibility: SDPA is always used."),
@@ -192,9 +195,10 @@ _PRECISION = [
     flag("dynamo_dynamic", "torch.compile with dynamic shapes."),
     flag("fused_backward_pass", "Step the optimizer for each parameter inside the backward pass, freeing its "
          "gradient at once (needs --gradient_accumulation_steps 1)."),
-    opt("fused_optimizer_groups", "sd-scripts' N optimizer groups stepped as their gradients complete. Accepted "
-        "for compatibility but not implemented yet (ignored with a warning); use --fused_backward_pass, which "
-        "works with any element-wise optimizer.", type=int, default=None),
+    opt("fused_optimizer_groups", "Split the trained parameters into N groups, each with its own optimizer "
+        "stepped (and its gradients freed) as soon as the group's gradients are complete in the backward pass; "
+        "--max_grad_norm clips per group. Not with --fused_backward_pass, gradient accumulation, fp16 or "
+        "D-Adaptation/Prodigy.", type=int, default=None),
 ]
 
 

@@ -73,7 +73,8 @@ _SAVING = [
     flag("use_safetensors", "Old switch: save as .safetensors (same as --save_model_as safetensors)."),
     opt("save_every_n_epochs", "Save the model every N epochs.", type=int, default=None),
     opt("save_every_n_steps", "Save the model every N steps.", type=int, default=None),
-    opt("save_n_epoch_ratio", "Save the model about N times over the whole run.", type=int, default=None),
+    opt("save_n_epoch_ratio", "Save every floor(epochs / N) epochs, so at least N saves happen over the run "
+        "(overrides --save_every_n_epochs).", type=int, default=None),
     opt("save_last_n_epochs", "Keep only the last N epoch saves (older ones are deleted).", type=int, default=None),
     opt("save_last_n_epochs_state", "Keep only the last N epoch states (default: --save_last_n_epochs).",
         type=int, default=None),
@@ -83,10 +84,13 @@ _SAVING = [
     flag("save_state", "Also save the full training state (optimizer, scheduler, RNG, counters) with each save."),
     flag("save_state_on_train_end", "Save the training state once at the end of training."),
     opt("resume", "Resume training from a saved state folder.", type=str, default=None),
-    opt("initial_epoch", "Epoch number to start counting from (e.g. after resuming without a state).",
+    opt("initial_epoch", "Start at this epoch (1 = the first): the same as --initial_step (N-1) x steps per epoch.",
         type=int, default=None),
-    opt("initial_step", "Step number to start counting from (overrides --initial_epoch).", type=int, default=None),
-    flag("skip_until_initial_step", "Skip the batches before --initial_step instead of only renumbering."),
+    opt("initial_step", "Start as if N optimizer steps were taken: the step counter, the epoch and the LR "
+        "schedule start there and training runs to --max_train_steps (overrides --initial_epoch).",
+        type=int, default=None),
+    flag("skip_until_initial_step", "With --initial_step/--initial_epoch, also skip the batches those steps would "
+         "have used, so the data continue where such a run would be."),
 ]
 
 

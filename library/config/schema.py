@@ -221,6 +221,10 @@ def _cuda_available() -> bool:
 
 def _check_precision(ns: argparse.Namespace, script: str) -> None:
     mp = _get(ns, "mixed_precision", "no")
+    if _get(ns, "cpu_offload_checkpointing") and not _get(ns, "gradient_checkpointing"):
+        logger.warning("--cpu_offload_checkpointing turns on --gradient_checkpointing (it offloads what "
+                       "checkpointing keeps)")
+        ns.gradient_checkpointing = True
     if _get(ns, "full_fp16") and _get(ns, "full_bf16"):
         raise UserError("--full_fp16 and --full_bf16 cannot be used together")
     if _get(ns, "full_bf16") and mp != "bf16":
@@ -279,10 +283,16 @@ def _check_ranges(ns: argparse.Namespace, script: str) -> None:
         raise UserError(f"--validation_split must be at least 0 and below 1, got {ns.validation_split}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size",
                  "max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
-                 "sample_every_n_epochs", "num_vectors_per_token", "text_encoder_batch_size"):
+                 "sample_every_n_epochs", "num_vectors_per_token", "text_encoder_batch_size",
+                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "save_n_epoch_ratio",
+                 "initial_epoch"):
         v = getattr(ns, name, None)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be at least 1, got {v}")
+    if _get(ns, "initial_step", 0) < 0:
+        raise UserError(f"--initial_step must be 0 or more, got {ns.initial_step}")
+    if _get(ns, "skip_until_initial_step") and _get(ns, "initial_step") is None and _get(ns, "initial_epoch") is None:
+        logger.warning("--skip_until_initial_step has no effect without --initial_step or --initial_epoch")
     for name in ("learning_rate", "learning_rate_te1", "learning_rate_te2", "unet_lr", "text_encoder_lr",
                  "max_grad_norm"):
         for v in (lambda x: x if isinstance(x, (list, tuple)) else [x])(getattr(ns, name, None)):
@@ -343,9 +353,7 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.
-NOT_IMPLEMENTED = ("fused_optimizer_groups", "deepspeed", "validation_split", "validate_every_n_steps",
-                   "validate_every_n_epochs", "cpu_offload_checkpointing", "dynamo_fullgraph", "dynamo_dynamic",
-                   "initial_epoch", "initial_step", "skip_until_initial_step", "save_n_epoch_ratio")
+NOT_IMPLEMENTED = ("deepspeed", "dynamo_fullgraph", "dynamo_dynamic")
 
 
 def _warn_ineffective(ns: argparse.Namespace, script: str) -> None:

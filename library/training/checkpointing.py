@@ -8,6 +8,7 @@ epoch, so ``--resume`` continues the counters (sd-scripts issues #1559 and #2248
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -37,6 +38,22 @@ def save_stem(output_name: str | None, epoch: int | None = None, step: int | Non
 
 def state_dir_name(output_name: str | None, epoch: int | None = None, step: int | None = None) -> str:
     return save_stem(output_name, epoch, step) + "-state"
+
+
+def save_every_n_epochs_for_ratio(num_epochs: int, ratio: int) -> int:
+    """sd-scripts' ``--save_n_epoch_ratio N``: save every ``floor(epochs / N)`` epochs (at least every
+    epoch), so a run of ``num_epochs`` epochs gets at least N saves, the final one included."""
+    return max(1, num_epochs // ratio)
+
+
+def with_save_n_epoch_ratio(cfg, num_epochs: int):
+    """``cfg`` (a TrainConfig) with ``save_every_n_epochs`` set from ``save_n_epoch_ratio`` (which
+    overrides it, as in sd-scripts)."""
+    every = save_every_n_epochs_for_ratio(num_epochs, cfg.save_n_epoch_ratio)
+    if cfg.save_every_n_epochs and cfg.save_every_n_epochs != every:
+        logger.info("--save_n_epoch_ratio %d: saving every %d epochs instead of --save_every_n_epochs %d",
+                    cfg.save_n_epoch_ratio, every, cfg.save_every_n_epochs)
+    return dataclasses.replace(cfg, save_every_n_epochs=every)
 
 
 def remove_old(output_dir: Path, output_name: str | None, ext: str, keep_last: int | None, current: int,

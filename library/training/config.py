@@ -113,6 +113,18 @@ class TrainConfig:
     log_prefix: Optional[str] = None
     log_tracker_name: Optional[str] = None
     log_every_n_steps: int = 10
+    # validation loss (library/training/validation.py; the split itself is per dataset)
+    validation_seed: Optional[int] = None
+    validate_every_n_steps: Optional[int] = None
+    validate_every_n_epochs: Optional[int] = None
+    max_validation_steps: Optional[int] = None
+    # start position, save ratio, fused optimizer groups, offloaded checkpointing
+    initial_epoch: Optional[int] = None
+    initial_step: Optional[int] = None
+    skip_until_initial_step: bool = False
+    save_n_epoch_ratio: Optional[int] = None
+    fused_optimizer_groups: Optional[int] = None
+    cpu_offload_checkpointing: bool = False
 
     @classmethod
     def from_namespace(cls, ns: Any) -> "TrainConfig":

@@ -35,17 +35,19 @@ def check_fused_backward(
     gradient_accumulation_steps: int = 1,
     mixed_precision: str = "no",
     num_processes: int = 1,
+    option: str = "--fused_backward_pass",
 ) -> None:
-    """Raise :class:`UserError` when ``--fused_backward_pass`` cannot work with these options."""
+    """Raise :class:`UserError` when ``option`` (``--fused_backward_pass`` or
+    ``--fused_optimizer_groups``, which steps inside backward too) cannot work with these options."""
     if not optimizer_supports_fused_backward(optimizer_type):
         name = _canonical_name(optimizer_type)
-        raise UserError(f"--fused_backward_pass does not work with --optimizer_type {name}")
+        raise UserError(f"{option} does not work with --optimizer_type {name}")
     if gradient_accumulation_steps != 1:
-        raise UserError("--fused_backward_pass needs --gradient_accumulation_steps 1")
+        raise UserError(f"{option} needs --gradient_accumulation_steps 1")
     if mixed_precision == "fp16":
-        raise UserError("--fused_backward_pass cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
+        raise UserError(f"{option} cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
     if num_processes > 1:
-        raise UserError("--fused_backward_pass steps before gradients are averaged across GPUs; train on one GPU")
+        raise UserError(f"{option} steps before gradients are averaged across GPUs; train on one GPU")
 
 
 def _default_factory(optimizer: torch.optim.Optimizer) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:

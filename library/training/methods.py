@@ -17,6 +17,7 @@ from library.errors import UserError
 from library.models.checkpoint_io import save_dtype
 from library.models.metadata import modelspec_metadata
 from library.training.trainer import TrainingRun
+from library.training.validation import validation_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def common_metadata(run: TrainingRun, kind: str, epoch: int, step: int) -> dict[
         "ss_tag_frequency": json.dumps(data.tag_frequency(), ensure_ascii=False),
         "ss_bucket_info": json.dumps(data.bucket_info(), ensure_ascii=False),
     }
+    meta.update(validation_metadata(cfg, data))
     res = data.resolution if hasattr(data, "resolution") else (1024, 1024)
     meta.update(modelspec_metadata(title=cfg.metadata.get("title") or cfg.output_name or "sdxl", kind=kind,
                                    resolution=tuple(res), v_parameterization=cfg.v_parameterization,

@@ -30,6 +30,8 @@ from library.training.config import TrainConfig
 from library.training.fused_backward import check_fused_backward, fused_backward_step
 from library.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, parse_scheduler_args
 from library.training.precision import allow_fp16_gradients, check_mixed_precision_device
+from library.training.start_position import apply_initial_step
+from library.training.validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ class Trainer:
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         run.scheduler = noise.make_noise_scheduler(cfg.v_parameterization, cfg.zero_terminal_snr)
         self.method.setup(run)
+        if cfg.gradient_checkpointing and cfg.cpu_offload_checkpointing:
+            from library.training.offload_checkpointing import enable_cpu_offload_checkpointing
+            enable_cpu_offload_checkpointing(run.models.unet)
         groups = self.method.param_groups()
         if not any(p.requires_grad for g in groups for p in g["params"]):
             raise UserError("nothing to train: every learning rate is 0 or every module is frozen")
@@ -138,11 +143,23 @@ class Trainer:
                                  acc.num_processes)
             self.fused = fused_backward_step(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                              else self.optimizer, cfg.max_grad_norm or None)
+        elif cfg.fused_optimizer_groups:
+            from library.training.fused_groups import fused_optimizer_groups
+            check_fused_backward(cfg.optimizer_type, cfg.gradient_accumulation_steps, cfg.mixed_precision,
+                                 acc.num_processes, option="--fused_optimizer_groups")
+            self.fused = fused_optimizer_groups(self.optimizer, cfg.fused_optimizer_groups, cfg.max_grad_norm or None)
         run.progress = ckpt.TrainProgress()
         self.rng = ckpt.NoiseRNG(cfg.seed if cfg.seed is not None else 0, acc.device)
         self.num_epochs = math.ceil(self.max_steps / max(updates_per_epoch, 1))
+        if cfg.save_n_epoch_ratio:  # sd-scripts: at least N saves over the run
+            self.cfg = run.cfg = ckpt.with_save_n_epoch_ratio(cfg, self.num_epochs)
         if cfg.resume:
             self._resume(cfg.resume)
+        apply_initial_step(run.progress, self.lr_scheduler, initial_step=cfg.initial_step,
+                           initial_epoch=cfg.initial_epoch, skip_batches=cfg.skip_until_initial_step,
+                           steps_per_epoch=updates_per_epoch, max_steps=self.max_steps,
+                           gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_processes=acc.num_processes)
+        self.validation = Validator.for_trainer(self)
         if acc.is_main_process and cfg.log_with:
             acc.init_trackers(cfg.log_tracker_name or "network_train", config={"max_train_steps": self.max_steps})
 
@@ -167,14 +184,15 @@ class Trainer:
             return self.run.accelerator.autocast()
         return contextlib.nullcontext()
 
-    def latents_of(self, batch: dict) -> torch.Tensor:
-        """Scaled latents: from the cache, or encoded now with the frozen VAE."""
+    def latents_of(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents: from the cache, or encoded now with the frozen VAE (sampled with ``generator``)."""
         if "latents" in batch:
             latents = batch["latents"]
         else:
             vae = self.run.models.vae
             with torch.no_grad():
-                latents = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist.sample().float()
+                dist = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist
+                latents = dist.sample(generator=generator).float()
             latents = torch.nan_to_num(latents)
         return latents.to(self.run.device, self.run.weight_dtype) * VAE_SCALE_FACTOR
 
@@ -183,20 +201,26 @@ class Trainer:
         if "te_outputs" in batch:
             h1, h2, pooled = batch["te_outputs"]
             return torch.cat([h1, h2], dim=-1).to(self.run.weight_dtype), pooled.to(self.run.weight_dtype)
-        grad = torch.enable_grad() if self.method.trains_text_encoders else torch.no_grad()
+        grad = torch.enable_grad() if self.method.trains_text_encoders and torch.is_grad_enabled() else torch.no_grad()
         with grad, self.run.accelerator.autocast():
             context, pooled = self.run.encode_text(batch["captions"])
         return context.to(self.run.weight_dtype), pooled.to(self.run.weight_dtype)
 
-    def loss_of(self, batch: dict) -> torch.Tensor:
-        """The weighted denoising loss of one batch (a 0-dim device tensor)."""
+    def loss_of(self, batch: dict, generator: torch.Generator | None = None, timesteps: int | None = None) -> torch.Tensor:
+        """The weighted denoising loss of one batch (a 0-dim device tensor).
+
+        Noise comes from ``generator`` (default: the run's noise RNG); ``timesteps`` fixes t (validation).
+        """
         cfg, run = self.cfg, self.run
-        latents = self.latents_of(batch)
+        gen = generator if generator is not None else self.rng.generator
+        latents = self.latents_of(batch, generator)
         context, pooled = self.text_of(batch)
-        gen = self.rng.generator
         eps = noise.noise_like(latents, gen, cfg.noise_offset, cfg.noise_offset_random_strength,
                                cfg.adaptive_noise_scale, cfg.multires_noise_iterations, cfg.multires_noise_discount)
-        t = noise.sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, gen, latents.device)
+        if timesteps is None:
+            t = noise.sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, gen, latents.device)
+        else:
+            t = torch.full((latents.shape[0],), int(timesteps), dtype=torch.long, device=latents.device)
         noisy = noise.add_noise(run.scheduler, latents,
                                 noise.perturb_noise(eps, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength), t)
         ids = time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
@@ -228,6 +252,8 @@ class Trainer:
                     acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            elif hasattr(self.fused, "finish"):
+                self.fused.finish()  # --fused_optimizer_groups: groups a parameter without gradient left open
             self.lr_scheduler.step()
         return loss
 
@@ -259,6 +285,7 @@ class Trainer:
                 p.step_in_epoch += 1
                 loss_sum += loss.detach()
                 loss_count += 1
+                self.validation.add_train_loss(loss)
                 if not acc.sync_gradients:
                     continue
                 self.method.after_optimizer_step(run)
@@ -269,14 +296,17 @@ class Trainer:
                     loss_sum.zero_()
                     loss_count = 0
                 self._step_end_saves()
+                self.validation.after_step(bar)
                 if p.global_step >= self.max_steps:
                     break
             else:
                 p.epoch += 1
                 p.step_in_epoch = 0
+                self.validation.after_epoch(bar)
                 self._epoch_end_saves()
                 continue
             break
+        self.validation.after_training(bar)
         bar.close()
         return self._final_save()
 
@@ -287,7 +317,7 @@ class Trainer:
             raise self._stopping(save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save,
                                                                  f"the loss became {avg}"))
         lr = self.lr_scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", **self.validation.postfix())
         logs = {"loss/average": avg, "lr/current": lr}
         if self.cfg.log_prefix:
             logs = {self.cfg.log_prefix + k: v for k, v in logs.items()}

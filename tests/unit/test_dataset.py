@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -399,3 +400,29 @@ def test_validation_split_holds_images_out(tmp_path: Path) -> None:
     assert sorted(val_paths) == sorted(p for b in _epoch_batches(again.validation_group(), 1)
                                        for p in b["image_paths"])
     assert _group(_one_dataset([{"image_dir": str(folder)}])).validation_group() is None
+
+
+def test_validation_split_follows_validation_seed(tmp_path: Path) -> None:
+    """The split is a function of the seed only: the same seed gives the same images, another seed others;
+    the command line's --validation_seed reaches the datasets."""
+    from library.config.dataset_cli import dataset_config_from_cli
+
+    folder = tmp_path / "img"
+    for i in range(10):
+        _save(folder / f"v{i}.png", 64, 64, i, caption="c")
+
+    def held_out(seed: int) -> frozenset:
+        group = _group(_one_dataset([{"image_dir": str(folder)}], validation_split=0.3, validation_seed=seed))
+        val = group.validation_group()
+        return frozenset(p for i in range(len(val)) for p in val[i]["image_paths"])
+
+    splits = {seed: held_out(seed) for seed in range(4)}
+    assert all(len(s) == 3 for s in splits.values()) and held_out(2) == splits[2]
+    assert len(set(splits.values())) > 1
+    values = {"validation_split": 0.3, "validation_seed": 2, "resolution": "64", "enable_bucket": True,
+              "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32}
+    (tmp_path / "dreambooth" / "1_c").mkdir(parents=True)
+    for i in range(10):
+        shutil.copy(folder / f"v{i}.png", tmp_path / "dreambooth" / "1_c" / f"v{i}.png")
+    configs = dataset_config_from_cli(str(tmp_path / "dreambooth"), None, None, values)
+    assert configs[0].validation_seed == 2 and configs[0].validation_split == 0.3
