@@ -326,8 +326,8 @@ def _args(tmp_path, *extra) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--image_path", "x.png"], "img2img"),
-    (["--highres_fix_scale", "0.5"], "hires fix"),
+    (["--image_path", "x.png"], "not found"),
+    (["--clip_vision_strength", "0.5"], "CLIP-vision"),
     (["--interactive"], "interactive"),
     (["--fp16", "--bf16"], "exclusive"),
     (["--steps", "0"], "--steps"),
