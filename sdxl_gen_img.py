@@ -45,8 +45,8 @@ def _prompt_specs(args, ga, specs=None):
     files = args.network_weights or []
     multipliers = (list(args.network_mul or []) + [1.0] * len(files))[:len(files)] or None  # one per file
     return [s.with_defaults(
-        width=args.W or 1024, height=args.H or 1024, steps=args.steps, strength=args.strength, scale=args.scale, negative_prompt="",
-        negative_scale=args.negative_scale, sampler=args.sampler, network_multipliers=multipliers,
+        width=args.W or 1024, height=args.H or 1024, steps=args.steps, scale=args.scale, negative_prompt="",
+        strength=args.strength, negative_scale=args.negative_scale, sampler=args.sampler, network_multipliers=multipliers,
         original_width=args.original_width, original_height=args.original_height,
         original_width_negative=args.original_width_negative, original_height_negative=args.original_height_negative,
         crop_top=args.crop_top or 0, crop_left=args.crop_left or 0) for s in specs]
@@ -98,17 +98,6 @@ def _common_params(args) -> dict:
             "v_parameterization": args.v_parameterization or None}
 
 
-def _save(args, ga, pl, outdir, batch, images, names, common, first_stage=None) -> list[Path]:
-    from library.inference import gen_features as gf
-
-    paths = []
-    for job, image, name in zip(batch, images, names):
-        params = {**ga.image_params(job, common), **gf.image_params_extra(job, args, first_stage)}
-        paths.append(pl.save_image(image, pl.unique_path(outdir / name), params))
-        logger.info("saved %s (seed %d)", paths[-1], job.seed)
-    return paths
-
-
 def _generate_all(args, ga, gen, networks, jobs, highres=None) -> list[Path]:
     from library.inference import gen_features as gf
     from library.inference import pipeline as pl
@@ -125,20 +114,15 @@ def _generate_all(args, ga, gen, networks, jobs, highres=None) -> list[Path]:
             merged = len(args.network_weights) - len(networks)
             pl.set_network_multipliers(networks, s.network_multipliers, skip=merged)
         stamp = time.strftime("%Y%m%d%H%M%S")
-        kwargs = dict(
-            prompts=[j.spec.prompt for j in batch], negative_prompts=[j.spec.negative_prompt for j in batch],
-            width=s.width, height=s.height, steps=s.steps, guidance_scale=s.scale, sampler=s.sampler,
-            seeds=[j.seed for j in batch], original_size=(s.original_height, s.original_width),
-            crop_top_left=(s.crop_top, s.crop_left),
-            negative_original_size=(s.original_height_negative, s.original_width_negative),
-            max_embeddings_multiples=args.max_embeddings_multiples, negative_scale=s.negative_scale,
-            vae_batch_size=vae_batch)
-        first_names = gf.batch_names(batch, args, count, stamp, sequence, "0") if highres else None
-        save_first = (lambda imgs, kw: written.extend(_save(args, ga, pl, outdir, batch, imgs, first_names,
-                                                            common, kw))) if highres and highres.save_1st else None
+        kwargs = gf.generate_kwargs(batch, args.max_embeddings_multiples, vae_batch)
+        save_first = None
+        if highres and highres.save_1st:  # the first stage's images, named with sd-scripts' "0" stage mark
+            first_names = gf.batch_names(batch, args, count, stamp, sequence, "0")
+            save_first = lambda imgs, kw: written.extend(  # noqa: E731
+                gf.save_images(args, outdir, batch, imgs, first_names, common, kw))
         images = gf.run_batch(gen, batch, args, kwargs, highres, save_first)
         names = gf.batch_names(batch, args, count, stamp, sequence, prefix)
-        written.extend(_save(args, ga, pl, outdir, batch, images, names, common))
+        written.extend(gf.save_images(args, outdir, batch, images, names, common))
         count += len(batch)
         sequence = sequence + len(batch) if sequence is not None else None
     return written

@@ -372,3 +372,29 @@ def run_batch(gen, batch: Sequence, args: argparse.Namespace, kwargs: dict, high
     from library.inference.highres import generate_highres
 
     return generate_highres(gen, dict(kwargs, strength=job_strength(batch[0], args)), highres, save_first)
+
+
+def save_images(args: argparse.Namespace, outdir: Path, batch: Sequence, images: Sequence, names: Sequence[str],
+                common: dict, first_stage: Optional[dict] = None) -> list[Path]:
+    """Write a batch's PNGs (never over an existing file) with their generation parameters."""
+    from library.inference.gen_args import image_params
+    from library.inference.pipeline import save_image, unique_path
+
+    paths = []
+    for job, image, name in zip(batch, images, names):
+        params = {**image_params(job, common), **image_params_extra(job, args, first_stage)}
+        paths.append(save_image(image, unique_path(outdir / name), params))
+        logger.info("saved %s (seed %d)", paths[-1], job.seed)
+    return paths
+
+
+def generate_kwargs(batch: Sequence, max_embeddings_multiples: int, vae_batch_size: Optional[int]) -> dict:
+    """:meth:`SDXLGenerator.generate` arguments of a batch of jobs with equal settings (text-to-image part)."""
+    s = batch[0].spec
+    return dict(prompts=[j.spec.prompt for j in batch], negative_prompts=[j.spec.negative_prompt for j in batch],
+                width=s.width, height=s.height, steps=s.steps, guidance_scale=s.scale, sampler=s.sampler,
+                seeds=[j.seed for j in batch], original_size=(s.original_height, s.original_width),
+                crop_top_left=(s.crop_top, s.crop_left),
+                negative_original_size=(s.original_height_negative, s.original_width_negative),
+                max_embeddings_multiples=max_embeddings_multiples, negative_scale=s.negative_scale,
+                vae_batch_size=vae_batch_size)

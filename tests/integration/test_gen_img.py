@@ -79,7 +79,8 @@ def test_cli_errors_are_one_line(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --ckpt") and len(result.stderr.strip().splitlines()) == 1
-    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(SCRIPT), "--prompt", "a", "--network_regional_mask_max_color_codes", "3"]
+    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(SCRIPT), "--prompt", "a",
+           "--network_regional_mask_max_color_codes", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "not supported" in result.stderr
 
