@@ -252,10 +252,19 @@ def attach_images(jobs: Sequence, n_iter: int, images: Sequence, masks: Sequence
 
     if not images:
         return
+    for init, mask in zip(images, masks or [None] * len(images)):
+        if min(output_size(init.image)) < 32:
+            raise UserError(f"--image_path: {init.path} is {init.image.size[0]}x{init.image.size[1]}; "
+                            "img2img needs at least 32x32")
     per_iter = max(1, len(jobs) // max(1, n_iter))
     for k, job in enumerate(jobs):
         step = (k % per_iter) // repeat
         job.images = JobImages(images[step % len(images)], masks[step % len(masks)] if masks else None)
+        init, mask = job.images.init, job.images.mask
+        if mask is not None and output_size(mask.image) != output_size(init.image):
+            raise UserError(f"--mask_path: {mask.path} ({mask.image.size[0]}x{mask.image.size[1]}) does not fit "
+                            f"{init.path} ({init.image.size[0]}x{init.image.size[1]}); give masks of the image "
+                            "size, or --W and --H to resize both")
         if not highres:
             w, h = output_size(job.images.init.image)
             if (w, h) != job.images.init.image.size:

@@ -326,3 +326,19 @@ def test_highres_upscaler_module_protocol(gen, tmp_path, monkeypatch):
         load_upscaler("no_such_upscaler_module", None, "cpu", torch.float32)
     with pytest.raises(UserError, match="key=value"):
         load_upscaler("my_upscaler", "nearest", "cpu", torch.float32)
+
+
+def test_attach_images_cycles_and_checks_sizes(tmp_path):
+    from library.inference.img2img import SourceImage
+
+    jobs = ga.plan_jobs([ga.parse_prompt_line("a cat").with_defaults(width=64, height=64)], images_per_prompt=3,
+                        n_iter=2, seed=1)
+    images = [SourceImage(Image.new("RGB", (100, 64)), Path("a.png")), SourceImage(Image.new("RGB", (64, 64)),
+                                                                                  Path("b.png"))]
+    gf.attach_images(jobs, 2, images, [], highres=False)
+    assert [j.images.init.path.name for j in jobs] == ["a.png", "b.png", "a.png"] * 2  # restarts per iteration
+    assert (jobs[0].spec.width, jobs[0].spec.height) == (96, 64) and jobs[1].spec.width == 64
+    with pytest.raises(UserError, match="does not fit"):
+        gf.attach_images(jobs, 2, images, [SourceImage(Image.new("L", (64, 64)), Path("m.png"))], highres=False)
+    with pytest.raises(UserError, match="at least 32x32"):
+        gf.attach_images(jobs, 2, [SourceImage(Image.new("RGB", (20, 64)), Path("s.png"))], [], highres=False)
