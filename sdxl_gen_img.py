@@ -77,10 +77,7 @@ def _build_generator(args, device, dtype):
     networks = pl.load_networks(args.network_module or ["networks.lora"], files, args.network_mul or [], gen.unet,
                                 gen.vae, gen.text_encoders, dtype, device, merge=args.network_merge,
                                 merge_count=args.network_merge_n_models, network_args=network_args)
-    if gf.may_deep_shrink(args):
-        from library.inference.deep_shrink import DeepShrink  # hooks, inert unless a prompt configures them
-
-        gen.deep_shrink = DeepShrink(gen.unet)
+    gf.install_deep_shrink(gen, args)  # before torch.compile
     if args.torch_compile:  # after LoRA hooks are in place, so they are traced into the graph
         import torch
 
@@ -137,16 +134,18 @@ def main(argv=None) -> list[Path]:
     gf.configure_logging(args)
     ga.validate_args(args)
     images, masks = gf.load_sources(args)
-    from_images = args.prompt is None and args.from_file is None  # prompts from the init images' PNG text
-    jobs = ga.plan_jobs(_prompt_specs(args, ga, gf.specs_from_images(images) if from_images else None),
-                        args.images_per_prompt, args.n_iter, args.seed, args.iter_same_seed)
-    gf.attach_images(jobs, args.n_iter, images, masks, bool(args.highres_fix_scale),
-                     args.images_per_prompt if from_images else 1)
-    gf.check_jobs(jobs, args)
+    from_images = args.prompt is None and args.from_file is None and not args.interactive  # prompts in the PNGs
+    jobs = [] if args.interactive else gf.plan(args, _prompt_specs(
+        args, ga, gf.specs_from_images(images) if from_images else None), images, masks, from_images)
     device, dtype = _device_and_dtype(args)
     logger.info("%d image(s) on %s in %s", len(jobs), device, str(dtype).replace("torch.", ""))
     gen, networks = _build_generator(args, device, dtype)
-    written = _generate_all(args, ga, gen, networks, jobs, gf.highres_from_args(args, device, dtype))
+    highres = gf.highres_from_args(args, device, dtype)
+    if args.interactive:  # one prompt line at a time from stdin, until end of input
+        written = gf.interactive(lambda line: _generate_all(args, ga, gen, networks, gf.plan(
+            args, _prompt_specs(args, ga, [ga.parse_prompt_line(line)]), images, masks), highres))
+    else:
+        written = _generate_all(args, ga, gen, networks, jobs, highres)
     logger.info("done: %d image(s) in %s", len(written), args.outdir)
     return written
 

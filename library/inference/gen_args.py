@@ -31,7 +31,6 @@ MAX_SEED = 0x7FFFFFFF
 
 # sd-scripts options we recognise but do not implement: (option, what it is)
 UNSUPPORTED = (
-    ("interactive", "interactive mode"),
     ("clip_vision_strength", "CLIP-vision img2img (needs the CLIP-ViT-bigG vision model)"),
     ("clip_guidance_scale", "CLIP guidance"), ("clip_image_guidance_scale", "CLIP image guidance"),
     ("vgg16_guidance_scale", "VGG16 guidance"), ("guide_image_path", "guide images"),
@@ -58,7 +57,7 @@ def _add_core(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, ...")
     g.add_argument("--use_original_file_name", action="store_true",
                    help="img2img: name each image after its init image file (stem.png)")
-    g.add_argument("--no_preview", action="store_true", help="(interactive mode only; accepted for compatibility)")
+    g.add_argument("--no_preview", action="store_true", help="accepted; --interactive never opens a preview window")
     g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times")
     g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch (default 1)")
@@ -160,9 +159,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ckpt: {args.ckpt} not found")
     if args.vae and not Path(args.vae).exists():
         raise UserError(f"--vae: {args.vae} not found")
-    if args.prompt is None and args.from_file is None and args.image_path is None:
-        raise UserError("give --prompt or --from_file (or --image_path with prompts in its PNGs; "
-                        "interactive mode is not supported)")
+    if args.prompt is None and args.from_file is None and args.image_path is None and not args.interactive:
+        raise UserError("give --prompt or --from_file (or --image_path with prompts in its PNGs, or --interactive)")
     if args.prompt is not None and args.from_file is not None:
         raise UserError("give either --prompt or --from_file, not both")
     if args.fp16 and args.bf16:

@@ -79,7 +79,10 @@ def _add_gradual_latent(p: argparse.ArgumentParser) -> None:
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("console log")
+    g = p.add_argument_group("interactive mode and console log")
+    g.add_argument("--interactive", action="store_true",
+                   help="read prompts (with inline options) from stdin, one line at a time, until end of input; "
+                        "--n_iter is 1")
     g.add_argument("--console_log_level", type=str.upper, default=None, choices=LOG_LEVELS,
                    help="log level (default INFO)")
     g.add_argument("--console_log_file", type=str, default=None, help="also write the log to this file")
@@ -149,6 +152,10 @@ def validate_feature_args(args: argparse.Namespace) -> None:
         check_sampler(args.sampler)
         if args.mask_path:
             raise UserError("Gradual Latent cannot be combined with inpainting (--mask_path)")
+    if args.interactive:
+        if args.prompt is not None or args.from_file is not None:
+            raise UserError("--interactive reads the prompts from stdin: leave out --prompt / --from_file")
+        args.n_iter = 1  # as sd-scripts
     if args.console_log_file and Path(args.console_log_file).is_dir():
         raise UserError(f"--console_log_file: {args.console_log_file} is a folder")
 
@@ -331,6 +338,26 @@ def highres_from_args(args: argparse.Namespace, device, dtype):
                       args.highres_fix_disable_control_net, upscaler)
 
 
+def plan(args: argparse.Namespace, specs: Sequence, images: Sequence, masks: Sequence,
+         from_images: bool = False) -> list:
+    """The image jobs of prompt specs (defaults filled in), with their init images attached and checked."""
+    from library.inference.gen_args import plan_jobs
+
+    jobs = plan_jobs(specs, args.images_per_prompt, args.n_iter, args.seed, args.iter_same_seed)
+    attach_images(jobs, args.n_iter, images, masks, bool(args.highres_fix_scale),
+                  args.images_per_prompt if from_images else 1)
+    check_jobs(jobs, args)
+    return jobs
+
+
+def install_deep_shrink(gen, args: argparse.Namespace) -> None:
+    """Put Deep Shrink hooks on ``gen.unet`` (as ``gen.deep_shrink``) when any prompt may ask for it."""
+    if may_deep_shrink(args):
+        from library.inference.deep_shrink import DeepShrink  # inert until run_batch gives it settings
+
+        gen.deep_shrink = DeepShrink(gen.unet)
+
+
 def may_deep_shrink(args: argparse.Namespace) -> bool:
     """Whether Deep Shrink can be asked for (command line, or a prompt option starting with --ds)."""
     if args.ds_depth_1 is not None:
@@ -407,3 +434,24 @@ def generate_kwargs(batch: Sequence, max_embeddings_multiples: int, vae_batch_si
                 negative_original_size=(s.original_height_negative, s.original_width_negative),
                 max_embeddings_multiples=max_embeddings_multiples, negative_scale=s.negative_scale,
                 vae_batch_size=vae_batch_size)
+
+
+def interactive(run, read=input) -> list[Path]:
+    """Read prompt lines with ``read`` until end of input and ``run(line)`` each; returns every written path.
+
+    Blank lines are skipped; a line with a mistake (a bad inline option ...) is reported and the
+    session goes on.
+    """
+    written: list[Path] = []
+    while True:
+        logger.info("type a prompt (end of input to finish):")
+        try:
+            line = read()
+        except EOFError:
+            return written
+        if not line.split(" --")[0].strip():
+            continue
+        try:
+            written.extend(run(line))
+        except UserError as exc:
+            logger.error("%s", exc)

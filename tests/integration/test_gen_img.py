@@ -228,3 +228,12 @@ def test_deep_shrink_prompt_option_applies_to_its_prompt_only(gen_main, ckpt, tm
     assert np.array_equal(_pixels(after), _pixels(base))
     assert np.abs(_pixels(shrunk) - _pixels(base)).max() > 10
     assert read_generation_params(shrunk)["deep_shrink"]["depth_1"] == 3
+
+
+def test_interactive_reads_prompts_until_end_of_input(gen_main, ckpt, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\na cat --d 5\na dog --s many\na dog --d 6 --n blurry\n"))
+    out = gen_main(["--ckpt", ckpt, "--interactive", "--outdir", str(tmp_path / "i"), *FAST])
+    assert [read_generation_params(p)["seed"] for p in out] == [5, 6]  # the bad line is reported and skipped
+    assert read_generation_params(out[1])["negative_prompt"] == "blurry"

@@ -267,7 +267,7 @@ def _args(tmp_path, *extra) -> argparse.Namespace:
     (["--highres_fix_save_1st"], "need --highres_fix_scale"),
     (["--clip_vision_strength", "0.5"], "not supported"),
     (["--network_regional_mask_max_color_codes", "3"], "not supported"),
-    (["--interactive"], "not supported"),
+    (["--interactive"], "leave out --prompt"),
 ])
 def test_feature_options_rejected(tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
