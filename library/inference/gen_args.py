@@ -31,12 +31,12 @@ MAX_SEED = 0x7FFFFFFF
 
 # sd-scripts options we recognise but do not implement: (option, what it is)
 UNSUPPORTED = (
-    ("clip_vision_strength", "CLIP-vision img2img (needs the CLIP-ViT-bigG vision model)"),
+    ("clip_vision_strength", "CLIP-vision img2img: needs the CLIP-ViT-bigG vision model"),
     ("clip_guidance_scale", "CLIP guidance"), ("clip_image_guidance_scale", "CLIP image guidance"),
     ("vgg16_guidance_scale", "VGG16 guidance"), ("guide_image_path", "guide images"),
     ("control_net_lllite_models", "ControlNet-LLLite"), ("control_net_models", "ControlNet"),
     ("control_net_multipliers", "ControlNet"), ("control_net_ratios", "ControlNet"),
-    ("network_regional_mask_max_color_codes", "regional LoRA (see docs/gen_img.md)"),
+    ("network_regional_mask_max_color_codes", "regional LoRA"),
 )
 
 
