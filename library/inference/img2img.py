@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -191,5 +191,3 @@ def prepare(init: InitImage, vae, vae_dtype, scheduler, steps: int, generators: 
 
     return latents, start, blend
 
-
-InitLike = Union[InitImage, None]
