@@ -225,7 +225,7 @@ def load_sources(args: argparse.Namespace) -> tuple[list, list]:
 
     images = load_images(args.image_path, "--image_path") if args.image_path else []
     masks = load_images(args.mask_path, "--mask_path") if args.mask_path else []
-    if args.W is not None and args.H is not None or args.highres_fix_scale and images:
+    if (args.W is not None and args.H is not None) or (args.highres_fix_scale and images):
         w, h = args.W or DEFAULT_SIZE, args.H or DEFAULT_SIZE
         if args.highres_fix_scale:
             from library.inference.highres import first_stage_size
