@@ -5,7 +5,9 @@
         --prompt "a cat on a sofa --n blurry, lowres --d 42" --W 1024 --H 1024 --steps 30 --sampler euler_a
 
 LoRA: ``--network_module networks.lora --network_weights a.safetensors b.safetensors --network_mul 0.8 0.5``;
-textual inversion: ``--textual_inversion_embeddings emb.safetensors`` (say ``emb`` in the prompt).
+textual inversion: ``--textual_inversion_embeddings emb.safetensors`` (say ``emb`` in the prompt);
+img2img / inpainting ``--image_path --mask_path --strength``; highres fix ``--highres_fix_scale 0.5``;
+Deep Shrink ``--ds_depth_1 3``; Gradual Latent ``--gradual_latent_timesteps 650``.
 Every option and the prompt syntax: docs/gen_img.md.
 """
 
@@ -36,21 +38,22 @@ def _device_and_dtype(args):
     return device, dtype
 
 
-def _prompt_specs(args, ga):
-    specs = ga.read_prompts(args.prompt, args.from_file)
+def _prompt_specs(args, ga, specs=None):
+    specs = specs if specs is not None else ga.read_prompts(args.prompt, args.from_file)
     if args.network_merge and any(s.network_multipliers is not None for s in specs):
         logger.warning("--am is ignored with --network_merge (the networks are baked in)")
     files = args.network_weights or []
     multipliers = (list(args.network_mul or []) + [1.0] * len(files))[:len(files)] or None  # one per file
     return [s.with_defaults(
-        width=args.W, height=args.H, steps=args.steps, scale=args.scale, negative_prompt="",
-        negative_scale=args.negative_scale, sampler=args.sampler, network_multipliers=multipliers,
+        width=args.W or 1024, height=args.H or 1024, steps=args.steps, scale=args.scale, negative_prompt="",
+        strength=args.strength, negative_scale=args.negative_scale, sampler=args.sampler, network_multipliers=multipliers,
         original_width=args.original_width, original_height=args.original_height,
         original_width_negative=args.original_width_negative, original_height_negative=args.original_height_negative,
         crop_top=args.crop_top or 0, crop_left=args.crop_left or 0) for s in specs]
 
 
 def _build_generator(args, device, dtype):
+    from library.inference import gen_features as gf
     from library.inference import pipeline as pl
     from library.models.checkpoint_io import load_sdxl, read_safetensors_metadata
     from library.models.tokenizers import load_tokenizers
@@ -74,6 +77,7 @@ def _build_generator(args, device, dtype):
     networks = pl.load_networks(args.network_module or ["networks.lora"], files, args.network_mul or [], gen.unet,
                                 gen.vae, gen.text_encoders, dtype, device, merge=args.network_merge,
                                 merge_count=args.network_merge_n_models, network_args=network_args)
+    gf.install_deep_shrink(gen, args)  # before torch.compile
     if args.torch_compile:  # after LoRA hooks are in place, so they are traced into the graph
         import torch
 
@@ -91,51 +95,60 @@ def _common_params(args) -> dict:
             "v_parameterization": args.v_parameterization or None}
 
 
-def _generate_all(args, ga, gen, networks, jobs) -> list[Path]:
+def _generate_all(args, ga, gen, networks, jobs, highres=None) -> list[Path]:
+    from library.inference import gen_features as gf
     from library.inference import pipeline as pl
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    sequence = pl.next_sequence_number(outdir) if args.sequential_file_name else None
-    common, written = _common_params(args), []
+    prefix = "1" if highres else ""  # sd-scripts' stage mark in the file names
+    sequence = pl.next_sequence_number(outdir, prefix) if args.sequential_file_name else None
+    common, written, count = _common_params(args), [], 0
     vae_batch = ga.vae_batch(args.vae_batch_size, args.batch_size)
     for batch in ga.batches(jobs, args.batch_size):
         s = batch[0].spec
         if networks and not args.network_merge:
             merged = len(args.network_weights) - len(networks)
             pl.set_network_multipliers(networks, s.network_multipliers, skip=merged)
-        images = gen.generate(
-            [j.spec.prompt for j in batch], [j.spec.negative_prompt for j in batch], width=s.width, height=s.height,
-            steps=s.steps, guidance_scale=s.scale, sampler=s.sampler, seeds=[j.seed for j in batch],
-            original_size=(s.original_height, s.original_width), crop_top_left=(s.crop_top, s.crop_left),
-            negative_original_size=(s.original_height_negative, s.original_width_negative),
-            max_embeddings_multiples=args.max_embeddings_multiples, negative_scale=s.negative_scale,
-            vae_batch_size=vae_batch)
         stamp = time.strftime("%Y%m%d%H%M%S")
-        for job, image in zip(batch, images):
-            name = pl.output_name(len(written), job.seed, stamp, sequence)
-            path = pl.save_image(image, pl.unique_path(outdir / name), ga.image_params(job, common))
-            written.append(path)
-            sequence = sequence + 1 if sequence is not None else None
-            logger.info("saved %s (seed %d)", path, job.seed)
+        kwargs = gf.generate_kwargs(batch, args.max_embeddings_multiples, vae_batch)
+        save_first = None
+        if highres and highres.save_1st:  # the first stage's images, named with sd-scripts' "0" stage mark
+            first_names = gf.batch_names(batch, args, count, stamp, sequence, "0")
+            save_first = lambda imgs, kw: written.extend(  # noqa: E731
+                gf.save_images(args, outdir, batch, imgs, first_names, common, kw))
+        images = gf.run_batch(gen, batch, args, kwargs, highres, save_first)
+        names = gf.batch_names(batch, args, count, stamp, sequence, prefix)
+        written.extend(gf.save_images(args, outdir, batch, images, names, common))
+        count += len(batch)
+        sequence = sequence + len(batch) if sequence is not None else None
     return written
 
 
 def main(argv=None) -> list[Path]:
     """Parse the command line, load the models, generate and save every image; returns the written paths."""
     from library.inference import gen_args as ga
+    from library.inference import gen_features as gf
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = ga.parse_args(argv)
+    gf.configure_logging(args)
     ga.validate_args(args)
     from library.training.output_dir import check_writable_dir
 
     check_writable_dir(args.outdir, "--outdir")  # before loading: a file or read-only folder is one line
-    jobs = ga.plan_jobs(_prompt_specs(args, ga), args.images_per_prompt, args.n_iter, args.seed, args.iter_same_seed)
+    images, masks = gf.load_sources(args)
+    from_images = args.prompt is None and args.from_file is None and not args.interactive  # prompts in the PNGs
+    jobs = [] if args.interactive else gf.plan(args, _prompt_specs(
+        args, ga, gf.specs_from_images(images) if from_images else None), images, masks, from_images)
     device, dtype = _device_and_dtype(args)
     logger.info("%d image(s) on %s in %s", len(jobs), device, str(dtype).replace("torch.", ""))
     gen, networks = _build_generator(args, device, dtype)
-    written = _generate_all(args, ga, gen, networks, jobs)
+    highres = gf.highres_from_args(args, device, dtype)
+    if args.interactive:  # one prompt line at a time from stdin, until end of input
+        written = gf.interactive(lambda line: _generate_all(args, ga, gen, networks, gf.plan(
+            args, _prompt_specs(args, ga, [ga.parse_prompt_line(line)]), images, masks), highres))
+    else:
+        written = _generate_all(args, ga, gen, networks, jobs, highres)
     logger.info("done: %d image(s) in %s", len(written), args.outdir)
     return written
 

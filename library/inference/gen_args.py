@@ -5,9 +5,10 @@ before anything heavy is loaded. :func:`plan_jobs` turns prompts (with their inl
 one :class:`ImageJob` per image, with seeds and dynamic prompts resolved, and :func:`batches`
 groups consecutive jobs that can share a U-Net batch. Only plain values leave this module.
 
-sd-scripts options that this generator does not implement (img2img, hires fix, ControlNet-LLLite,
-Deep Shrink, Gradual Latent, interactive mode, ...) are still recognised, so a command line using
-them stops with a one-line error saying so instead of an argparse "unrecognized arguments".
+sd-scripts options that this generator does not implement (regional LoRA, CLIP guidance, ...) are
+still recognised, so a command line using them stops with a one-line error saying so instead of an
+argparse "unrecognized arguments". img2img, inpainting, the highres fix, Deep Shrink, Gradual Latent
+and the console-log options live in :mod:`library.inference.gen_features`.
 """
 
 from __future__ import annotations
@@ -30,21 +31,11 @@ MAX_SEED = 0x7FFFFFFF
 
 # sd-scripts options we recognise but do not implement: (option, what it is)
 UNSUPPORTED = (
-    ("interactive", "interactive mode"), ("image_path", "img2img"), ("mask_path", "inpainting"),
-    ("strength", "img2img strength"), ("clip_vision_strength", "CLIP-vision img2img"),
+    ("clip_vision_strength", "CLIP-vision img2img: needs the CLIP-ViT-bigG vision model"),
     ("clip_guidance_scale", "CLIP guidance"), ("clip_image_guidance_scale", "CLIP image guidance"),
     ("vgg16_guidance_scale", "VGG16 guidance"), ("guide_image_path", "guide images"),
     ("control_net_lllite_models", "ControlNet-LLLite"), ("control_net_models", "ControlNet"),
     ("control_net_multipliers", "ControlNet"), ("control_net_ratios", "ControlNet"),
-    ("highres_fix_scale", "hires fix"), ("highres_fix_steps", "hires fix"),
-    ("highres_fix_strength", "hires fix"), ("highres_fix_save_1st", "hires fix"),
-    ("highres_fix_latents_upscaling", "hires fix"), ("highres_fix_upscaler", "hires fix"),
-    ("highres_fix_upscaler_args", "hires fix"), ("highres_fix_disable_control_net", "hires fix"),
-    ("ds_depth_1", "Deep Shrink"), ("ds_timesteps_1", "Deep Shrink"), ("ds_depth_2", "Deep Shrink"),
-    ("ds_timesteps_2", "Deep Shrink"), ("ds_ratio", "Deep Shrink"),
-    ("gradual_latent_timesteps", "Gradual Latent"), ("gradual_latent_ratio", "Gradual Latent"),
-    ("gradual_latent_ratio_step", "Gradual Latent"), ("gradual_latent_every_n_steps", "Gradual Latent"),
-    ("gradual_latent_s_noise", "Gradual Latent"), ("gradual_latent_unsharp_params", "Gradual Latent"),
     ("network_regional_mask_max_color_codes", "regional LoRA"),
 )
 
@@ -64,8 +55,9 @@ def _add_core(p: argparse.ArgumentParser) -> None:
     g.add_argument("--from_file", type=str, default=None, help="prompt file: .txt (one per line), .toml or .json")
     g.add_argument("--outdir", type=str, default="outputs", help="folder for the images (default: outputs)")
     g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, ...")
-    g.add_argument("--use_original_file_name", action="store_true", help="(img2img only; accepted for compatibility)")
-    g.add_argument("--no_preview", action="store_true", help="(interactive mode only; accepted for compatibility)")
+    g.add_argument("--use_original_file_name", action="store_true",
+                   help="img2img: name each image after its init image file (stem.png)")
+    g.add_argument("--no_preview", action="store_true", help="accepted; --interactive never opens a preview window")
     g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times")
     g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch (default 1)")
@@ -77,8 +69,9 @@ def _add_core(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--W", type=int, default=1024, help="image width (default 1024)")
-    g.add_argument("--H", type=int, default=1024, help="image height (default 1024)")
+    g.add_argument("--W", type=int, default=None,
+                   help="image width (default 1024; img2img: the init image's, which --W/--H resize)")
+    g.add_argument("--H", type=int, default=None, help="image height (default 1024; see --W)")
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     g.add_argument("--scale", type=float, default=7.5, help="CFG scale (default 7.5; <= 1 disables guidance)")
     g.add_argument("--negative_scale", type=float, default=None, help="separate guidance scale of the negative prompt")
@@ -133,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     _add_precision(p)
     _add_networks(p)
+    from library.inference.gen_features import add_feature_arguments
+
+    add_feature_arguments(p)
     g = p.add_argument_group("recognised sd-scripts options that are not supported (an error if given)")
     for name, what in UNSUPPORTED:
         g.add_argument(f"--{name}", nargs="*", default=None, help=f"not supported ({what})")
@@ -163,14 +159,17 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ckpt: {args.ckpt} not found")
     if args.vae and not Path(args.vae).exists():
         raise UserError(f"--vae: {args.vae} not found")
-    if args.prompt is None and args.from_file is None:
-        raise UserError("give --prompt or --from_file (interactive mode is not supported)")
+    if args.prompt is None and args.from_file is None and args.image_path is None and not args.interactive:
+        raise UserError("give --prompt or --from_file (or --image_path with prompts in its PNGs, or --interactive)")
     if args.prompt is not None and args.from_file is not None:
         raise UserError("give either --prompt or --from_file, not both")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
     _check_positive(args, ("images_per_prompt", "n_iter", "batch_size", "steps", "max_embeddings_multiples",
                            "W", "H", "network_merge_n_models"))
+    from library.inference.gen_features import validate_feature_args
+
+    validate_feature_args(args)
     from library.inference.samplers import canonical_sampler_name
 
     args.sampler = canonical_sampler_name(args.sampler)
@@ -196,9 +195,7 @@ def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[Prompt
     return specs
 
 
-_IGNORED_FIELDS = ("strength", "clip_prompt", "ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2",
-                   "ds_ratio", "gradual_latent_timesteps", "gradual_latent_ratio", "gradual_latent_every_n_steps",
-                   "gradual_latent_ratio_step", "gradual_latent_s_noise", "gradual_latent_unsharp_params")
+_IGNORED_FIELDS = ("clip_prompt",)
 
 
 @dataclass
@@ -207,13 +204,17 @@ class ImageJob:
 
     spec: PromptSpec
     seed: int
+    images: Any = None  # img2img / inpainting sources of this image (gen_features.JobImages)
 
     def batch_key(self) -> tuple:
         """Settings that must be equal for images to share a U-Net batch."""
         s = self.spec
         return (s.width, s.height, s.steps, s.scale, s.negative_scale, s.sampler, s.original_width,
                 s.original_height, s.original_width_negative, s.original_height_negative, s.crop_top, s.crop_left,
-                tuple(s.network_multipliers or ()))
+                tuple(s.network_multipliers or ()), s.strength, s.ds_depth_1, s.ds_timesteps_1, s.ds_depth_2,
+                s.ds_timesteps_2, s.ds_ratio, s.gradual_latent_timesteps, s.gradual_latent_ratio,
+                s.gradual_latent_every_n_steps, s.gradual_latent_ratio_step, s.gradual_latent_s_noise,
+                s.gradual_latent_unsharp_params)
 
 
 class _SeedStream:

@@ -54,6 +54,9 @@ class DenoiseStep:
     latent_input: torch.Tensor
     batch_size: int  # images being generated (B)
     guidance_copies: int  # k
+    # False in a run where control adapters (ControlNet-LLLite ...) must stay off, e.g. the second
+    # stage of the highres fix with --highres_fix_disable_control_net; hooks of such adapters honour it
+    control_enabled: bool = True
 
 
 UNetHook = Callable[[DenoiseStep], Optional[dict]]
@@ -222,7 +225,8 @@ class SDXLGenerator:
                  target_size: Optional[Size] = None, negative_original_size: Optional[Size] = None,
                  max_embeddings_multiples: int = 3, latents: Optional[torch.Tensor] = None,
                  callback: Optional[StepCallback] = None, negative_scale: Optional[float] = None,
-                 output_type: str = "pil", vae_batch_size: Optional[int] = None) -> Any:
+                 output_type: str = "pil", vae_batch_size: Optional[int] = None, init: Any = None,
+                 gradual_latent: Any = None, control_enabled: bool = True) -> Any:
         """Generate one image per prompt.
 
         ``seeds`` gives one seed per image (default 0, 1, ...): each image's initial noise and the
@@ -237,10 +241,18 @@ class SDXLGenerator:
         scheduler (copied, never mutated). ``output_type``: ``"pil"`` (list of images), ``"np"``
         (float array (B, H, W, 3) in [0, 1]) or ``"latent"`` (final latents, unscaled by the VAE factor);
         ``vae_batch_size`` limits how many images the VAE decodes at once.
+
+        ``init`` (a :class:`library.inference.img2img.InitImage`) makes it img2img / inpainting: the
+        size comes from the init image, its strength sets how many of the ``steps`` run (see that
+        module). ``gradual_latent`` (:class:`library.inference.gradual_latent.GradualLatentSettings`)
+        grows the latent over the steps. ``control_enabled=False`` reaches the U-Net hooks as
+        :attr:`DenoiseStep.control_enabled` (adapters stay off in this run).
         """
         b = len(prompts)
         negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * b
         seeds = list(seeds) if seeds is not None else list(range(b))
+        if init is not None:
+            width, height = init.size()
         self._check(b, negative_prompts, seeds, width, height, steps, latents, output_type)
         copies = 1 if guidance_scale <= 1.0 else (3 if negative_scale is not None else 2)
         with torch.no_grad():
@@ -248,10 +260,11 @@ class SDXLGenerator:
             added = self._added_cond(pooled, b, copies, height, width, original_size, crop_top_left, target_size,
                                      negative_original_size)
             generators = seeded_generators(seeds)
-            if latents is None:
+            if latents is None and init is None:
                 latents = initial_noise(generators, self.unet.config.in_channels, height, width)
-            final = self._denoise(latents.float(), context, added, sampler, steps, generators,
-                                  (guidance_scale, negative_scale, copies), callback)
+            final = self._denoise(None if latents is None else latents.float(), context, added, sampler, steps,
+                                  generators, (guidance_scale, negative_scale, copies), callback,
+                                  (init, gradual_latent, control_enabled))
             if output_type == "latent":
                 return final
             return self.decode(final, output_type, vae_batch_size)
@@ -285,30 +298,51 @@ class SDXLGenerator:
         ids = torch.tensor(rows, dtype=torch.float32, device=self.device).repeat_interleave(b, dim=0)
         return {"text_embeds": pooled.to(self.device), "time_ids": ids}
 
-    def _denoise(self, noise, context, added, sampler, steps, generators, guidance, callback) -> torch.Tensor:
+    def _denoise(self, noise, context, added, sampler, steps, generators, guidance, callback,
+                 extras=(None, None, True)) -> torch.Tensor:
         """The sampling loop; returns fp32 latents in the U-Net's latent space."""
         scale, negative_scale, copies = guidance
+        init, gradual_settings, control_enabled = extras
         scheduler = _fresh_scheduler(sampler, self.v_parameterization, self.zero_terminal_snr)
         scheduler.set_timesteps(steps, device=self.device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        latents = noise.to(self.device) * scheduler.init_noise_sigma
+        start, blend = 0, None
+        if init is not None:  # img2img / inpainting: see library/inference/img2img.py
+            from library.inference import img2img
+
+            latents, start, blend = img2img.prepare(init, self.vae, self.vae_dtype, scheduler, steps, generators,
+                                                    self.device)
+        else:
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            latents = noise.to(self.device) * scheduler.init_noise_sigma
+        gradual = None
+        if gradual_settings is not None:
+            from library.inference.gradual_latent import GradualLatent
+
+            gradual = GradualLatent(gradual_settings, tuple(latents.shape[-2:]))
+            latents = gradual.begin(latents)
         step_kwargs = _step_kwargs(scheduler, generators)
         context = context.to(self.device)
-        timesteps = scheduler.timesteps
+        timesteps = scheduler.timesteps[start:]
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(latents, t)
             model_input = torch.cat([model_input] * copies) if copies > 1 else model_input
             extra: dict[str, Any] = {}
             for hook in self.unet_hooks:
-                extra.update(hook(DenoiseStep(i, len(timesteps), t, model_input, latents.shape[0], copies)) or {})
+                extra.update(hook(DenoiseStep(i, len(timesteps), t, model_input, latents.shape[0], copies,
+                                              control_enabled)) or {})
             pred = self.unet(model_input.to(self.dtype), t, encoder_hidden_states=context,
                              added_cond_kwargs=added, return_dict=False, **extra)[0].float()
             pred = _guide(pred, copies, scale, negative_scale)
-            latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if gradual is not None:
+                latents = gradual.step(scheduler, pred, t, latents, generators)
+            else:
+                latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if blend is not None:
+                latents = blend(latents, i)
             if callback is not None:
                 callback(i, t, latents)
-        return latents
+        return gradual.finish(latents) if gradual is not None else latents
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil", vae_batch_size: Optional[int] = None) -> Any:
         """VAE-decode latents (``latents / 0.13025``) in the VAE dtype: PIL images or an (B, H, W, 3) array."""
@@ -479,15 +513,19 @@ def unique_path(path: Path) -> Path:
     return candidate
 
 
-def next_sequence_number(outdir: Path) -> int:
-    """1 + the highest NNNNNN of ``im_NNNNNN.png`` in ``outdir`` (1 for an empty or new folder)."""
+def next_sequence_number(outdir: Path, prefix: str = "") -> int:
+    """1 + the highest NNNNNN of ``im_{prefix}NNNNNN.png`` in ``outdir`` (1 for an empty or new folder)."""
     numbers = [int(m.group(1)) for p in (outdir.glob("im_*.png") if outdir.is_dir() else [])
-               if (m := re.fullmatch(r"im_(\d{6,})\.png", p.name))]
+               if (m := re.fullmatch(rf"im_{re.escape(prefix)}(\d{{6,}})\.png", p.name))]
     return max(numbers, default=0) + 1
 
 
-def output_name(index: int, seed: int, timestamp: str, sequence: Optional[int] = None) -> str:
-    """sd-scripts' file names: ``im_{YYYYmmddHHMMSS}_{index:03d}_{seed}.png`` or ``im_{n:06d}.png``."""
+def output_name(index: int, seed: int, timestamp: str, sequence: Optional[int] = None, prefix: str = "") -> str:
+    """sd-scripts' file names: ``im_{YYYYmmddHHMMSS}_{prefix}{index:03d}_{seed}.png`` or ``im_{prefix}{n:06d}.png``.
+
+    ``prefix`` is sd-scripts' highres-fix stage mark: ``"0"`` for a saved first stage, ``"1"`` for
+    the final image of a highres-fix run, empty otherwise.
+    """
     if sequence is not None:
-        return f"im_{sequence:06d}.png"
-    return f"im_{timestamp}_{index:03d}_{seed}.png"
+        return f"im_{prefix}{sequence:06d}.png"
+    return f"im_{timestamp}_{prefix}{index:03d}_{seed}.png"

@@ -79,7 +79,8 @@ def test_cli_errors_are_one_line(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --ckpt") and len(result.stderr.strip().splitlines()) == 1
-    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(SCRIPT), "--prompt", "a", "--highres_fix_scale", "0.5"]
+    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(SCRIPT), "--prompt", "a",
+           "--network_regional_mask_max_color_codes", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "not supported" in result.stderr
 
@@ -170,3 +171,69 @@ def test_textual_inversion_embedding_by_file_stem(gen_main, ckpt, tiny_dir, tmp_
     assert np.array_equal(_pixels(with_ti), _pixels(plain))
     assert not np.array_equal(_pixels(other), _pixels(plain))
     assert read_generation_params(with_ti)["textual_inversion_embeddings"] == ["myemb.safetensors"]
+
+
+# ---- img2img, inpainting, highres fix, Deep Shrink (issue 14) ----------------------------------------------
+def _png_with_prompt(path: Path, size, prompt: str, negative: str) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("negative-prompt", negative)
+    rng = np.random.default_rng(len(str(path)))
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, pnginfo=info)
+
+
+def test_img2img_folder_names_sizes_and_prompts_from_metadata(gen_main, ckpt, tmp_path):
+    folder = tmp_path / "init"
+    folder.mkdir()
+    _png_with_prompt(folder / "a.png", (64, 64), "a red cat", "blurry")
+    _png_with_prompt(folder / "b.png", (100, 70), "a dog", "")
+    out = gen_main(["--ckpt", ckpt, "--prompt", "a fox --d 1,2", "--outdir", str(tmp_path / "o1"), "--steps", "3",
+                    "--image_path", str(folder), "--strength", "0.5", "--use_original_file_name"])  # no --W/--H
+    assert [p.name for p in out] == ["a.png", "b.png"]  # the images in turn, named after them
+    assert Image.open(out[0]).size == (64, 64) and Image.open(out[1]).size == (96, 64)  # rounded down to /32
+    params = read_generation_params(out[1])
+    assert params["init_image"] == "b.png" and params["strength"] == 0.5 and params["prompt"] == "a fox"
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    out = gen_main(["--ckpt", ckpt, "--outdir", str(tmp_path / "o2"), *FAST, "--image_path", str(folder / "a.png"),
+                    "--mask_path", str(mask), "--seed", "4"])  # no prompt: read from the image
+    params = read_generation_params(out[0])
+    assert params["prompt"] == "a red cat" and params["negative_prompt"] == "blurry"
+    assert params["mask_image"] == "mask.png" and params["strength"] == 0.8
+    assert Image.open(out[0]).size == (64, 64)  # --W 64 --H 64 resized the image (and the mask) first
+
+
+def test_highres_fix_with_lora_saves_both_stages(gen_main, ckpt, lora_file, tmp_path):
+    hires = ["--W", "128", "--H", "128", "--highres_fix_scale", "0.5", "--highres_fix_steps", "2", "--steps", "2",
+             "--sampler", "euler", "--highres_fix_save_1st"]
+    common = ["--ckpt", ckpt, "--prompt", "a cat --d 3", *hires]
+    out = gen_main([*common, "--outdir", str(tmp_path / "lora"), "--network_weights", str(lora_file)])
+    assert len(out) == 2 and re.fullmatch(r"im_\d{14}_0000_3\.png", out[0].name)
+    assert re.fullmatch(r"im_\d{14}_1000_3\.png", out[1].name)
+    assert Image.open(out[0]).size == (64, 64) and Image.open(out[1]).size == (128, 128)
+    params = [read_generation_params(p) for p in out]
+    assert params[0]["steps"] == 2 and params[0]["highres_fix_stage"] == 1 and params[1]["seed"] == 3
+    assert params[1]["highres_fix_scale"] == 0.5 and params[1]["network_weights"] == [lora_file.name]
+    base = gen_main([*common, "--outdir", str(tmp_path / "base")])
+    assert np.abs(_pixels(base[1]) - _pixels(out[1])).max() > 10  # the LoRA acts in both stages
+
+
+def test_deep_shrink_prompt_option_applies_to_its_prompt_only(gen_main, ckpt, tmp_path):
+    prompts = tmp_path / "ds.txt"
+    prompts.write_text("a cat --d 7 --dsd1 3 --dst1 0\na cat --d 7\n", encoding="utf-8")
+    shrunk, after = gen_main(["--ckpt", ckpt, "--from_file", str(prompts), "--outdir", str(tmp_path / "ds"), *FAST])
+    base = _run(gen_main, ckpt, tmp_path / "base", "a cat --d 7")[0]
+    assert np.array_equal(_pixels(after), _pixels(base))
+    assert np.abs(_pixels(shrunk) - _pixels(base)).max() > 10
+    assert read_generation_params(shrunk)["deep_shrink"]["depth_1"] == 3
+
+
+def test_interactive_reads_prompts_until_end_of_input(gen_main, ckpt, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\na cat --d 5\na dog --s many\na dog --d 6 --n blurry\n"))
+    out = gen_main(["--ckpt", ckpt, "--interactive", "--outdir", str(tmp_path / "i"), *FAST])
+    assert [read_generation_params(p)["seed"] for p in out] == [5, 6]  # the bad line is reported and skipped
+    assert read_generation_params(out[1])["negative_prompt"] == "blurry"

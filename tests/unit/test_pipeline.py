@@ -326,9 +326,9 @@ def _args(tmp_path, *extra) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--image_path", "x.png"], "img2img"),
-    (["--highres_fix_scale", "0.5"], "hires fix"),
-    (["--interactive"], "interactive"),
+    (["--image_path", "x.png"], "not found"),
+    (["--clip_vision_strength", "0.5"], "CLIP-vision"),
+    (["--interactive"], "interactive"),  # reads prompts from stdin: not with --prompt
     (["--fp16", "--bf16"], "exclusive"),
     (["--steps", "0"], "--steps"),
     (["--sampler", "nope"], "unknown sampler"),
