@@ -31,7 +31,8 @@ from typing import Any, Iterable, Optional, Sequence
 FOREIGN_KEYS = frozenset({
     # kohya_ss GUI fields (written into its config_*.toml next to the real options)
     "epoch", "noise_offset_type", "lowvram", "sdxl", "sdxl_cache_text_encoder_outputs", "sdxl_no_half_vae",
-    "stop_text_encoder_training", "LoRA_type", "LyCORIS_preset", "additional_parameters", "model_list",
+    "stop_text_encoder_training", "learning_rate_te", "LoRA_type", "LyCORIS_preset", "additional_parameters",
+    "model_list",
     "sample_dir", "sample_batch_size", "use_wandb", "train_mode", "flux1_checkbox", "sd3_checkbox",
     "save_as_bool", "save_as", "headless", "print_only", "file_path", "num_cpu_threads_per_process",
     # sd-scripts options of the FLUX / SD3 / SD 1.x trainers

@@ -183,8 +183,8 @@ def _convert_value(action: argparse.Action, key: str, value: Any, path: Path) ->
     choices = action.choices
     try:
         if is_list:
-            if isinstance(value, str):
-                items = shlex.split(value)
+            if isinstance(value, str):  # "a=1 b=2"; shlex only with quotes, so Windows paths keep their "\"
+                items = shlex.split(value) if ('"' in value or "'" in value) else value.split()
             else:
                 items = value if isinstance(value, list) else [value]
             converted = [_convert_scalar(action, v) for v in items]

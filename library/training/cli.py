@@ -30,6 +30,8 @@ def build_data(ns: Any, cfg: TrainConfig, allowed_kinds=None, configs=None):
     from library.data.dataset import build_dataset_group
 
     values = dict(vars(ns))
+    if allowed_kinds is not None:
+        configs = None  # read them again with the kind check
     return build_dataset_group(values, allowed_kinds=allowed_kinds, configs=configs)
 
 

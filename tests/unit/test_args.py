@@ -242,6 +242,7 @@ sample_sampler = "Euler_a"
 save_precision = "FP16"
 cache_latents = "true"
 loss_type = ""
+base_weights = 'D:\\models\\a.safetensors'
 """)
     ns = parse("train_network", ["--config_file", str(cfg)])
     S.normalize_legacy_args(ns)
@@ -253,6 +254,7 @@ loss_type = ""
     assert (ns.keep_tokens, ns.max_train_epochs, ns.learning_rate) == (2, 4, 1e-4)
     assert (ns.mixed_precision, ns.sample_sampler, ns.save_precision) == ("bf16", "euler_a", "fp16")
     assert ns.cache_latents is True and ns.loss_type == "l2"  # "" = not set: the default
+    assert ns.base_weights == ["D:\\models\\a.safetensors"]  # a string for a list option; backslashes kept
 
 
 def test_dynamo_backend_no_turns_torch_compile_off(tmp_path, caplog):
