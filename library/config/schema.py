@@ -113,13 +113,18 @@ def parse_resolution(text: Any) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- legacy aliases
 
+# Periodic options that sd-scripts switches off with a falsy value, so TOMLs carry 0 for "never".
+EVERY_N_OPTIONS = ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "sample_every_n_steps",
+                   "sample_every_n_epochs", "validate_every_n_steps", "validate_every_n_epochs")
+
+
 def normalize_legacy_args(ns: argparse.Namespace) -> None:
     """Fold old option spellings into the current ones, in place (idempotent).
 
     caption_extention -> caption_extension; use_8bit_adam / use_lion_optimizer -> optimizer_type;
     dynamo_backend "no" (from a TOML) -> no torch.compile;
     *_to_disk caching implies the in-memory switch; fp8_base_unet implies fp8_base;
-    skip_latents_validity_check -> skip_cache_check.
+    skip_latents_validity_check -> skip_cache_check; 0 for a periodic save/sample/validation -> off.
     """
     if getattr(ns, "caption_extention", None) is not None:
         ns.caption_extension = ns.caption_extention
@@ -139,6 +144,9 @@ def normalize_legacy_args(ns: argparse.Namespace) -> None:
             setattr(ns, mem, True)
     if _get(ns, "fp8_base_unet"):
         ns.fp8_base = True
+    for name in EVERY_N_OPTIONS:  # TOMLs (the kohya_ss GUI's among them) write 0 for "off"
+        if getattr(ns, name, None) == 0:
+            setattr(ns, name, None)
     if str(_get(ns, "dynamo_backend", "")).lower() == "no":  # sd-scripts/GUI spelling of "do not compile"
         if _get(ns, "torch_compile"):
             logger.warning("dynamo_backend = \"no\" turns torch.compile off (as in sd-scripts); "

@@ -95,7 +95,7 @@ CASES = [
     ("motimalu_train_full_sdxl_vpred.toml", "train", ["--dataset_config", "motimalu_train_dataset_sdxl.toml"],
      {"v_parameterization": True, "train_text_encoder": True, "max_grad_norm": 0.0, "mixed_precision": "no",
       "optimizer_args": ["scale_parameter=False", "relative_step=False", "warmup_init=False"],
-      "save_n_epoch_ratio": 0, "noise_offset": 0.0357, "persistent_data_loader_workers": True}),
+      "save_n_epoch_ratio": None, "noise_offset": 0.0357, "persistent_data_loader_workers": True}),
     ("coder_gx_xl_lora_config.toml", "train_network", [],
      {"cache_text_encoder_outputs": True, "network_train_unet_only": True, "dataset_repeats": 10,
       "network_args": ["conv_dim=32", "conv_alpha=16"], "optimizer_type": "AdaFactor", "log_with": "tensorboard",
