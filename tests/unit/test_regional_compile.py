@@ -56,6 +56,7 @@ def _step(unet, net, inputs) -> torch.Tensor:
     return out.detach()
 
 
+@pytest.mark.slow  # dynamo traces the tiny U-Net's blocks: ~10 s on 2 cores
 def test_one_compile_per_block_shape_same_results_as_eager(hooked_unet):
     unet, net = hooked_unet
     inputs = _inputs()
@@ -82,6 +83,7 @@ def test_one_compile_per_block_shape_same_results_as_eager(hooked_unet):
     assert _graphs() == 4
 
 
+@pytest.mark.slow  # dynamo traces the tiny U-Net's blocks: ~10 s on 2 cores
 def test_dynamo_dynamic_serves_every_bucket_with_one_compile(hooked_unet):
     unet, net = hooked_unet
     compile_unet_regions(unet, CompileSettings(backend="eager", dynamic=True))
