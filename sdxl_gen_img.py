@@ -79,9 +79,9 @@ def _build_generator(args, device, dtype):
                                 merge_count=args.network_merge_n_models, network_args=network_args)
     gf.install_deep_shrink(gen, args)  # before torch.compile
     if args.torch_compile:  # after LoRA hooks are in place, so they are traced into the graph
-        import torch
+        from library.models.regional_compile import CompileSettings, compile_unet_regions
 
-        gen.unet = torch.compile(gen.unet, mode=args.dynamo_mode)
+        compile_unet_regions(gen.unet, CompileSettings(mode=args.dynamo_mode, dynamic=args.dynamo_dynamic))
     return gen, networks
 
 

@@ -20,6 +20,7 @@ import torch
 from common import UNET_FWD_TFLOP_1024, SyntheticCachedData, device_name, markdown, report, time_steps
 
 from library.models.presets import build_random
+from library.models.regional_compile import CompileSettings, compile_unet_regions
 from library.training.config import TrainConfig
 from library.training.methods import NetworkMethod, NetworkOptions, apply_fp8
 from library.training.setup import place_frozen_models
@@ -57,8 +58,8 @@ def run_workload(key: str, steps: int, warmup: int, compile_unet: bool, mode: st
     place_frozen_models(run, unet_weights_trained=False, text_encoder_weights_trained=False)
     if fp8:
         apply_fp8(models.unet)
-    if compile_unet:
-        models.unet = torch.compile(models.unet, mode=mode)
+    if compile_unet:  # what --torch_compile does: the repeated blocks, compiled in place
+        compile_unet_regions(models.unet, CompileSettings(mode=mode))
     torch.cuda.reset_peak_memory_stats()
     method = NetworkMethod(NetworkOptions(network_dim=dim, network_alpha=dim / 2, network_train_unet_only=True))
     trainer = Trainer(run, method)

@@ -187,12 +187,15 @@ _PRECISION = [
          "(it selects flash/memory-efficient kernels itself)."),
     flag("mem_eff_attn", "Memory-efficient attention. Accepted for compatibility: PyTorch SDPA is always used."),
     flag("diffusers_xformers", "xformers for the VAE. Accepted for compatibility: PyTorch SDPA is always used."),
-    flag("torch_compile", "Compile the U-Net with torch.compile."),
+    flag("torch_compile", "Compile the U-Net's repeated transformer blocks with torch.compile (regional "
+         "compilation, LoRA hooks inside; about a minute once, cached on disk for later runs)."),
     opt("dynamo_backend", "torch.compile backend.", type=str, default="inductor", choices=DYNAMO_BACKENDS),
     opt("dynamo_mode", "torch.compile mode.", type=str, default=None,
         choices=("default", "reduce-overhead", "max-autotune")),
-    flag("dynamo_fullgraph", "torch.compile with fullgraph=True."),
-    flag("dynamo_dynamic", "torch.compile with dynamic shapes."),
+    flag("dynamo_fullgraph", "With --torch_compile: compile each region as one graph (fullgraph=True); a graph "
+         "break is an error instead of a silent split."),
+    flag("dynamo_dynamic", "With --torch_compile: dynamic shapes (dynamic=True), one compile serves every bucket "
+         "resolution and batch size; without it each distinct shape compiles once (static, fastest kernels)."),
     flag("fused_backward_pass", "Step the optimizer for each parameter inside the backward pass, freeing its "
          "gradient at once (needs --gradient_accumulation_steps 1)."),
     opt("fused_optimizer_groups", "Split the trained parameters into N groups, each with its own optimizer "

@@ -361,7 +361,7 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.
-NOT_IMPLEMENTED = ("deepspeed", "dynamo_fullgraph", "dynamo_dynamic")
+NOT_IMPLEMENTED = ("deepspeed",)
 
 
 def _warn_ineffective(ns: argparse.Namespace, script: str) -> None:

@@ -34,6 +34,8 @@ class TrainConfig:
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
     dynamo_mode: Optional[str] = None
+    dynamo_fullgraph: bool = False
+    dynamo_dynamic: bool = False
     fused_backward_pass: bool = False
     # noise / loss
     min_timestep: int = 0

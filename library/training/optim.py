@@ -208,7 +208,7 @@ def _copy_groups(param_groups: ParamGroups) -> list[Any]:
 
 
 def _is_adafactor(cls: type) -> bool:
-    return cls.__name__ == "Adafactor" and cls.__module__.startswith("transformers")
+    return cls.__name__ == "Adafactor" and cls.__module__.startswith(("transformers", "library.training.adafactor"))
 
 
 def _prepare_adafactor(kwargs: dict[str, Any], groups: list[Any], learning_rate: float) -> tuple[float | None, bool]:
@@ -278,6 +278,10 @@ def build_optimizer(
     if cls is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs and _all_cuda_float(groups):
         constructor_kwargs["fused"] = True  # one fused kernel per step instead of a per-tensor loop
     description = _description(cls, kwargs)
+    if _is_adafactor(cls) and constructor_kwargs.pop("foreach", True):
+        from library.training.adafactor import Adafactor  # same update, batched over tensors
+
+        cls = Adafactor
     try:
         optimizer = cls(groups, **constructor_kwargs)
     except (TypeError, ValueError) as exc:

@@ -179,8 +179,11 @@ def run_training(cfg: TrainConfig, data, method, sampler: Callable | None = None
                         keep_originals=method.kind == "checkpoint")
     if cfg.fp8_base:
         apply_fp8(run.models.unet)
-    if cfg.torch_compile:
-        run.models.unet = torch.compile(run.models.unet, backend=cfg.dynamo_backend, mode=cfg.dynamo_mode)
+    if cfg.torch_compile and (cfg.dynamo_backend or "no").lower() != "no":
+        from library.models.regional_compile import CompileSettings, compile_unet_regions
+
+        compile_unet_regions(run.models.unet, CompileSettings(cfg.dynamo_backend.lower(), cfg.dynamo_mode,
+                                                              cfg.dynamo_fullgraph, cfg.dynamo_dynamic))
     trainer = Trainer(run, method, sampler)
     trainer.setup()
     return trainer.train()

@@ -1,0 +1,165 @@
+"""Adafactor with the update of ``transformers.optimization.Adafactor``, computed over many tensors at once.
+
+transformers' Adafactor steps its parameters one by one: about 25 small kernels per tensor, so a
+LoRA network of 1,444 tensors (or a U-Net of 1,680) costs tens of thousands of kernel launches per
+step and the GPU waits on the host. Here parameters of one shape, dtype and step count are stacked
+into one batch (in chunks of at most :data:`CHUNK_ELEMENTS` elements, so memory stays bounded) and
+updated with the same arithmetic in the same order: a few dozen launches per shape instead of per
+tensor. Large tensors, whose kernels already fill the GPU, are updated in place on their own.
+
+Everything transformers' Adafactor accepts is accepted with the same meaning (``lr``, ``eps``,
+``clip_threshold``, ``decay_rate``, ``beta1``, ``weight_decay``, ``scale_parameter``,
+``relative_step``, ``warmup_init``), and the per-parameter state has the same keys, shapes and
+dtypes (``step``, ``exp_avg_sq_row``/``exp_avg_sq_col`` or ``exp_avg_sq``, ``exp_avg``, ``RMS``), so
+a state saved by either optimizer resumes in the other.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # stack at most 4M elements (16 MB in fp32) per batch
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class Adafactor(torch.optim.Optimizer):
+    """transformers' Adafactor (same defaults, same arguments, same state), batched over tensors."""
+
+    def __init__(self, params: Iterable[Any], lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False):
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if warmup_init and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        defaults = {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate,
+                    "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
+                    "relative_step": relative_step, "warmup_init": warmup_init}
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _rel_step(group: dict, step: int) -> float:
+        rel = group["lr"]
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            rel = min(min_step, 1.0 / math.sqrt(step))
+        return rel
+
+    @staticmethod
+    def _get_lr(param_group: dict, param_state: dict):
+        """The lr of one parameter as transformers computes it (read by ``AdafactorSchedule``)."""
+        rel = Adafactor._rel_step(param_group, param_state["step"]) if param_group["relative_step"] \
+            else param_group["lr"]
+        scale = max(param_group["eps"][1], param_state["RMS"]) if param_group["scale_parameter"] else 1.0
+        return scale * rel
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            shape = p.shape
+            state["step"] = 0
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if len(shape) >= 2:
+                state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=p.device)
+                state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=p.device)
+            else:
+                state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["RMS"] = 0
+        else:  # a loaded state: on the parameter's device, in fp32 (as transformers' .to(grad))
+            for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(device=p.device, dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimisation step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            batches: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients.")
+                state = self._init_state(p, group)
+                key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
+                batches.setdefault(key, []).append(p)
+            for params in batches.values():
+                per_chunk = max(1, CHUNK_ELEMENTS // max(params[0].numel(), 1))
+                for i in range(0, len(params), per_chunk):
+                    self._update(group, params[i:i + per_chunk])
+        return loss
+
+    def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One batch of same-shape tensors: a view of the tensor itself when there is only one."""
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The Adafactor update of ``params`` (same shape, dtype and step), as one batch."""
+        states = [self.state[p] for p in params]
+        n, shape = len(params), params[0].shape
+        single = n == 1
+        bcast = (n,) + (1,) * len(shape)  # one scalar per tensor, broadcast over its elements
+        numel_sqrt = params[0].numel() ** 0.5
+        grad = self._stack([p.grad for p in params])
+        if grad.dtype in _HALF:
+            grad = grad.float()
+        half = params[0].dtype in _HALF
+        p32 = self._stack(params)
+        if half:
+            p32 = p32.float()  # a copy; a single fp32 tensor is updated in place, a stack is a copy already
+        step = states[0]["step"] + 1
+        for state in states:
+            state["step"] = step
+        rel = self._rel_step(group, step)
+        lr: float | torch.Tensor = rel
+        if group["scale_parameter"]:
+            rms = p32.flatten(1).norm(2, dim=1) / numel_sqrt
+            for state, value in zip(states, rms.unbind(0)):
+                state["RMS"] = value
+            lr = rms.clamp(min=group["eps"][1]).mul_(rel).view(bcast)
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        update = (grad ** 2) + group["eps"][0]
+        if len(shape) >= 2:
+            row = self._stack([s["exp_avg_sq_row"] for s in states])
+            col = self._stack([s["exp_avg_sq_col"] for s in states])
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=(1.0 - beta2t))
+            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=(1.0 - beta2t))
+            if not single:
+                torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(row.unbind(0)))
+                torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(col.unbind(0)))
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt())
+            update.mul_(grad)
+        else:
+            sq = self._stack([s["exp_avg_sq"] for s in states])
+            sq.mul_(beta2t).add_(update, alpha=(1.0 - beta2t))
+            if not single:
+                torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(sq.unbind(0)))
+            update = sq.rsqrt().mul_(grad)
+        update_rms = update.flatten(1).norm(2, dim=1) / numel_sqrt
+        update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0).view(bcast))
+        update.mul_(lr)
+        if group["beta1"] is not None:
+            avg = self._stack([s["exp_avg"] for s in states])
+            avg.mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]))
+            if not single:
+                torch._foreach_copy_([s["exp_avg"] for s in states], list(avg.unbind(0)))
+            update = avg
+        if group["weight_decay"] != 0:
+            if torch.is_tensor(lr):
+                p32.add_(p32 * (-group["weight_decay"] * lr))
+            else:
+                p32.add_(p32, alpha=(-group["weight_decay"] * lr))
+        p32.add_(-update)
+        if half or not single:
+            torch._foreach_copy_(params, list(p32.unbind(0)))

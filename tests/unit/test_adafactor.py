@@ -1,0 +1,98 @@
+"""The batched Adafactor computes transformers' Adafactor update, keeps its state layout, and is what
+``--optimizer_type Adafactor`` builds (``foreach=False`` in --optimizer_args keeps transformers' loop)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.optimization import Adafactor as TransformersAdafactor
+
+from library.training import adafactor as batched
+from library.training import optim as O
+
+SHAPES = [(8, 64), (8, 64), (8, 64), (64, 8), (64, 8), (16,), (16,), (4, 3, 3, 3), (4, 3, 3, 3), (32, 32), (5,)]
+CONFIGS = [
+    dict(lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False),  # the brief's recipe
+    dict(),  # transformers' defaults: relative step, parameter scaling
+    dict(relative_step=True, warmup_init=True),
+    dict(lr=1e-2, scale_parameter=True, relative_step=False, beta1=0.9, weight_decay=0.01),
+]
+
+
+def _params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def _train(opt_cls, params, steps=4, **kwargs):
+    opt = opt_cls(params, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", CONFIGS)
+def test_same_update_and_state_as_transformers(kwargs, dtype):
+    ref_params, our_params = _params(dtype), _params(dtype)
+    ref = _train(TransformersAdafactor, ref_params, **kwargs)
+    ours = _train(batched.Adafactor, our_params, **kwargs)
+    if dtype == torch.float32:  # (warmup_init's 1e-6 steps vanish in bf16)
+        assert not any(torch.equal(a, b) for a, b in zip(our_params, _params(dtype)))  # every tensor stepped
+    exact = not kwargs.get("weight_decay")  # weight decay is one multiply-add instead of add(alpha=)
+    for a, b in zip(ref_params, our_params):
+        if exact:
+            assert torch.equal(a, b)  # bit for bit on the CPU
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ref_state, our_state = ref.state_dict()["state"], ours.state_dict()["state"]
+    for i, state in ref_state.items():
+        assert set(state) == set(our_state[i]) and state["step"] == our_state[i]["step"]
+        for key in state:
+            if torch.is_tensor(state[key]) and key != "RMS":
+                assert state[key].shape == our_state[i][key].shape and our_state[i][key].dtype == torch.float32
+                torch.testing.assert_close(state[key], our_state[i][key], rtol=1e-6, atol=0)
+
+
+def test_state_resumes_across_implementations_and_small_chunks(monkeypatch):
+    """A transformers state loaded into ours (and chunked batches) continues exactly like transformers."""
+    kwargs = CONFIGS[0]
+    ref_params, our_params = _params(torch.float32), _params(torch.float32)
+    ref = _train(TransformersAdafactor, ref_params, steps=2, **kwargs)
+    for a, b in zip(ref_params, our_params):
+        b.data.copy_(a.data)
+    ours = batched.Adafactor(our_params, **kwargs)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # as from a file: no shared tensors
+    monkeypatch.setattr(batched, "CHUNK_ELEMENTS", 600)  # several chunks per shape batch
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for a, b in zip(ref_params, our_params):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        ref.step()
+        ours.step()
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, our_params))
+
+
+def test_build_optimizer_uses_the_batched_class_unless_foreach_false():
+    params = _params(torch.float32)
+    args = O.parse_optimizer_args(["scale_parameter=False", "relative_step=False", "warmup_init=False"])
+    opt, desc = O.build_optimizer("Adafactor", params, 1e-3, args)
+    assert type(opt) is batched.Adafactor
+    assert desc.startswith("transformers.optimization.Adafactor(")  # sd-scripts' ss_optimizer metadata
+    loop, _ = O.build_optimizer("Adafactor", params, 1e-3, {**args, "foreach": False})
+    assert type(loop) is TransformersAdafactor
+    managed, _ = O.build_optimizer("Adafactor", params, 1e-3, {})
+    assert O.optimizer_manages_lr(managed)  # relative_step: the adafactor scheduler still applies
+    sched = O.build_lr_scheduler("constant", managed, 10, 0)
+    rms = float(params[0].detach().pow(2).mean().sqrt())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    managed.step()
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(1e-2 * rms, rel=1e-5)  # min(1e-2, 1/sqrt(1)) * RMS(p)
