@@ -475,7 +475,7 @@ class TextEncoderPairEncoder:
     def __call__(self, captions: list) -> tuple:
         with torch.no_grad():
             if self.weighted:
-                from library.inference.weighting import encode_weighted_prompt
+                from library.text.weighting import encode_weighted_prompt
 
                 context, pool = encode_weighted_prompt(self.tokenizers, self.text_encoders, captions,
                                                        self.max_token_length)

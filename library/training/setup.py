@@ -38,7 +38,7 @@ def text_encoder_fn(cfg: TrainConfig, conditioner: TextConditioner) -> Callable[
     """captions -> (context, pooled) with or without A1111 weights (``--weighted_captions``)."""
     if not cfg.weighted_captions:
         return conditioner.encode
-    from library.inference.weighting import encode_weighted_prompt
+    from library.text.weighting import encode_weighted_prompt
 
     def encode(captions: Sequence[str]):
         return encode_weighted_prompt((conditioner.tokenizer1, conditioner.tokenizer2),
