@@ -255,6 +255,13 @@ def _check_device(ns: argparse.Namespace, script: str) -> None:
     if script != "train" and _get(ns, "fp8_base") and not _cuda_available():
         name = "--fp8_base_unet" if _get(ns, "fp8_base_unet") else "--fp8_base"
         raise UserError(f"{name} needs a CUDA GPU (torch.cuda.is_available() is False); remove {name}")
+    if _get(ns, "mixed_precision") == "fp16" and not _cuda_available():
+        import torch
+
+        from library.training.precision import check_mixed_precision_device
+
+        mps = getattr(torch.backends, "mps", None)
+        check_mixed_precision_device("fp16", "mps" if mps is not None and mps.is_available() else "cpu")
 
 
 def _check_buckets(ns: argparse.Namespace, script: str) -> None:
