@@ -159,8 +159,8 @@ def test_learning_is_real_and_only_the_new_rows_change(listening_ckpt, dataset, 
     from library.models.tokenizers import load_tokenizers
 
     out = tmp_path / "learn"
-    trainer, method, run = build_trainer(ti_args(tiny_ckpt, dataset, out, 30, "--save_model_as", "safetensors",
-                                                 "--learning_rate", "3e-2"))
+    trainer, method, run = build_trainer(ti_args(tiny_ckpt, dataset, out, 16, "--save_model_as", "safetensors",
+                                                 "--learning_rate", "6e-2"))
     start = [v.detach().clone() for v in (method.vectors.clip_l, method.vectors.clip_g)]
 
     def fixed_loss() -> float:
@@ -183,7 +183,7 @@ def test_learning_is_real_and_only_the_new_rows_change(listening_ckpt, dataset, 
     before = fixed_loss()
     saved = trainer.train()
     after = fixed_loss()
-    assert after < 0.96 * before, (before, after)  # 26.91 -> 25.44 on the CPU
+    assert after < 0.97 * before, (before, after)  # 26.91 -> 25.62 on the CPU (deterministic)
 
     fresh = load_sdxl(tiny_ckpt)
     vocab = len(load_tokenizers()[0])
@@ -242,7 +242,7 @@ def test_diffusers_load_textual_inversion_reproduces_our_prompt_embeddings(tiny_
     with torch.no_grad():
         ours_ctx, ours_pooled = run.conditioner.encode(method.training_captions([prompt]))
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_diffusers), torch_dtype=torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_diffusers), dtype=torch.float32)
         state = load_file(path)
         pipe.load_textual_inversion(state["clip_l"], token="sks", text_encoder=pipe.text_encoder,
                                     tokenizer=pipe.tokenizer)
@@ -257,7 +257,7 @@ def test_diffusers_load_textual_inversion_reproduces_our_prompt_embeddings(tiny_
         trigger, tokens = pl.load_textual_inversion(path, tokenizers, [models.text_encoder1, models.text_encoder2])
         assert trigger == "sks" and tokens == ["sks", "sks1"]
         g.token_replacements[trigger] = " ".join(tokens)
-        gen_ctx, gen_pooled = g.encode_prompts([g.expand_tokens(prompt)])
+        gen_ctx, gen_pooled = g.encode_prompts([prompt])  # the generator expands the trigger itself
         assert torch.allclose(gen_ctx, ours_ctx, atol=1e-5) and torch.allclose(gen_pooled, ours_pooled, atol=1e-5)
 
 
