@@ -195,8 +195,8 @@ def test_learning_is_real_and_only_the_new_rows_change(listening_ckpt, dataset, 
         for key, value in o_state.items():
             if "token_embedding" not in key:
                 assert torch.equal(t_state[key], value), (name, key)
-    for key, value in fresh.unet.state_dict().items():
-        assert torch.equal(run.models.unet.state_dict()[key], value), key
+    unet_state = run.models.unet.state_dict()
+    assert all(torch.equal(unet_state[key], value) for key, value in fresh.unet.state_dict().items())
 
     init_file = tmp_path / "sks.pt"  # the init word's vectors under the same trigger, for comparison
     write_embedding(init_file, *start)
