@@ -332,3 +332,33 @@ def test_bad_input_is_one_line_and_writes_nothing(ti_main, tmp_path, capsys, ext
         assert "x01.png" in err[0] and "and 1 more" in err[0] and "x00.png" not in err[0]
     assert not out.exists()
 
+
+
+def test_bf16_checkpointing_and_weights_keep_everything_else_frozen_in_bf16(tiny_ckpt, dataset, tmp_path):
+    """--mixed_precision bf16 --gradient_checkpointing --weights: the run starts from the file's vectors, trains
+    them in fp32, and both encoders (all old rows too), the U-Net and the VAE stay bf16 and unchanged."""
+    from library.models.checkpoint_io import load_sdxl
+    from library.models.embedding_file import write_embedding
+
+    g = torch.Generator().manual_seed(1)
+    start = tmp_path / "start.safetensors"
+    write_embedding(start, torch.randn(2, 64, generator=g) * 0.1, torch.randn(2, 128, generator=g) * 0.1)
+    trainer, method, run = build_trainer(ti_args(tiny_ckpt, dataset, tmp_path / "o", 3, "--mixed_precision", "bf16",
+                                                 "--gradient_checkpointing", "--weights", str(start)))
+    assert torch.equal(method.vectors.clip_l.detach(), load_file(start)["clip_l"])
+    before = {name: {k: v.clone() for k, v in getattr(run.models, name).state_dict().items()}
+              for name in ("unet", "text_encoder1", "text_encoder2")}
+    path = trainer.train()
+    assert method.vectors.clip_l.dtype == torch.float32 and not torch.equal(method.vectors.clip_l.detach(),
+                                                                            load_file(start)["clip_l"])
+    fresh = load_sdxl(tiny_ckpt)
+    for name, states in before.items():
+        module = getattr(run.models, name)
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
+        now = module.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in states.items()), name
+    for name in ("text_encoder1", "text_encoder2"):
+        old = getattr(fresh, name).get_input_embeddings().weight
+        table = getattr(run.models, name).get_input_embeddings().weight
+        assert torch.equal(table[:old.shape[0]], old.to(torch.bfloat16)), name
+    assert path.suffix == ".pt" and torch.load(path, weights_only=True)["clip_g"].shape == (2, 128)
