@@ -25,8 +25,16 @@ BUCKETS = ["--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32", "
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
+    """One intra-op thread; and a fresh accelerate state per test (in-process runs differ in precision)."""
+    from accelerate.state import AcceleratorState
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()
