@@ -354,6 +354,8 @@ def test_bf16_checkpointing_and_weights_keep_everything_else_frozen_in_bf16(tiny
     trainer, method, run = build_trainer(ti_args(tiny_ckpt, dataset, tmp_path / "o", 3, "--mixed_precision", "bf16",
                                                  "--gradient_checkpointing", "--weights", str(start)))
     assert torch.equal(method.vectors.clip_l.detach(), load_file(start)["clip_l"])
+    assert run.prompt_replacements == {"sks": "sks sks1"}  # sample prompts say the token string
+    assert run.conditioner.tokenizer2.convert_tokens_to_ids("sks1") == 49409  # the sampler's tokenizers know it
     before = {name: {k: v.clone() for k, v in getattr(run.models, name).state_dict().items()}
               for name in ("unet", "text_encoder1", "text_encoder2")}
     path = trainer.train()
