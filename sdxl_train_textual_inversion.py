@@ -27,7 +27,10 @@ def make_method(ns, cfg):
     Checks the token string against both tokenizers here, before any model loads.
     """
     from library.models.tokenizers import load_tokenizers
-    from library.training.textual_inversion import TextualInversionMethod, TextualInversionOptions
+    from library.training.textual_inversion import (
+        TextualInversionMethod,
+        TextualInversionOptions,
+    )
 
     return TextualInversionMethod(TextualInversionOptions.from_namespace(ns), load_tokenizers(cfg.tokenizer_cache_dir))
 

@@ -9,9 +9,11 @@ metadata) or a torch pickle (``.pt`` / ``.ckpt``) holding the same dict; pickles
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from library.errors import UserError
 from library.models.atomic import atomic_path
@@ -42,7 +44,8 @@ def read_embedding(path: str | os.PathLike, option: str = "--weights") -> tuple[
             data = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a broken or foreign file: say so on one line
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        # a broken or foreign file: say so on one line
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{option}: cannot read {path}: {reason}") from None
     if not isinstance(data, dict) or not all(k in data for k in KEYS):

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.models.checkpoint_io import save_dtype
 from library.models.embedding_file import read_embedding, write_embedding
-from library.models.metadata import tensor_payload_hashes
+from library.models.metadata import modelspec_metadata, tensor_payload_hashes
 from library.training.methods import common_metadata
 from library.training.trainer import TrainingRun
 
@@ -67,7 +68,7 @@ class TextualInversionOptions:
     use_style_template: bool = False
 
     @classmethod
-    def from_namespace(cls, ns: Any) -> "TextualInversionOptions":
+    def from_namespace(cls, ns: Any) -> TextualInversionOptions:
         names = cls.__dataclass_fields__.keys()
         return cls(**{n: getattr(ns, n) for n in names if getattr(ns, n, None) is not None})
 
@@ -270,11 +271,11 @@ class TextualInversionMethod:
 
     def metadata(self, run: TrainingRun, epoch: int, step: int) -> dict[str, str]:
         opts = self.opts
-        meta = {} if run.cfg.no_metadata else common_metadata(run, self.kind, epoch, step)
+        """``ss_*`` and ``modelspec.*`` keys (only modelspec and the TI keys with ``--no_metadata``)."""
         if run.cfg.no_metadata:
-            from library.models.metadata import modelspec_metadata
-
-            meta.update(modelspec_metadata(title=run.cfg.output_name or "embedding", kind=self.kind))
+            meta = modelspec_metadata(title=run.cfg.output_name or "embedding", kind=self.kind)
+        else:
+            meta = common_metadata(run, self.kind, epoch, step)
         meta.update({"ss_token_string": opts.token_string, "ss_num_vectors_per_token": str(len(self.tokens)),
                      "ss_init_word": opts.init_word or "", "ss_weights": Path(opts.weights).name if opts.weights else "",
                      "ss_use_template": "object" if opts.use_object_template else

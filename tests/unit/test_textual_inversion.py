@@ -10,8 +10,13 @@ import torch
 from library.errors import UserError
 from library.models.embedding_file import read_embedding, write_embedding
 from library.models.tokenizers import load_tokenizers
-from library.training.textual_inversion import (check_captions, check_new_tokens, initial_vectors, override_hook,
-                                                token_names)
+from library.training.textual_inversion import (
+    check_captions,
+    check_new_tokens,
+    initial_vectors,
+    override_hook,
+    token_names,
+)
 
 
 def test_token_names_and_vocabulary_check():
