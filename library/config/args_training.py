@@ -242,9 +242,12 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
 _TEXTUAL_INVERSION = [
     opt("token_string", "The new token to learn; it must not exist in either tokenizer and every caption "
         "must contain it.", type=str, default=None),
-    opt("init_word", "Word(s) whose embeddings initialise the new token.", type=str, default=None),
-    opt("num_vectors_per_token", "Number of embedding vectors for the token.", type=int, default=1),
-    opt("weights", "Start from this embedding file.", type=str, default=None),
+    opt("init_word", "Word(s) whose token embeddings initialise the new vectors (repeated cyclically when they "
+        "are fewer tokens than --num_vectors_per_token; default: the mean embedding).", type=str, default=None),
+    opt("num_vectors_per_token", "Number of embedding vectors N for the token (tokens tok, tok1, ..., tok{N-1}).",
+        type=int, default=1),
+    opt("weights", "Start from this embedding file (.safetensors/.pt/.ckpt with clip_l and clip_g, N vectors).",
+        type=str, default=None),
     flag("use_object_template", "Ignore captions and use built-in object prompt templates."),
     flag("use_style_template", "Ignore captions and use built-in style prompt templates."),
 ]

@@ -83,7 +83,10 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
 
     try:
         data = build_data(ns, cfg, configs=configs)  # scans every image before any model loads
-        path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
+        method = make_method(ns, cfg)
+        if hasattr(method, "check_data"):  # checks that need the scanned dataset, still before any model loads
+            method.check_data(data)
+        path = run_training(cfg, data, method, make_sampler_callback(ns))
     finally:
         if lock is not None:
             lock.release()

@@ -68,6 +68,7 @@ def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int) 
                               [run.conditioner.tokenizer1, run.conditioner.tokenizer2], dtype=unet_dtype,
                               vae_dtype=next(models.vae.parameters()).dtype, device=device,
                               v_parameterization=run.cfg.v_parameterization, place_models=False)
+    generator.token_replacements.update(run.prompt_replacements)  # e.g. a TI token -> its N tokens
     by_epoch = bool(run.cfg.sample_every_n_epochs)
     written = []
     rng_state = torch.get_rng_state()

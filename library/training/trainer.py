@@ -72,6 +72,7 @@ class TrainingRun:
     started_at: float = 0.0
     encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None  # captions -> (context, pooled)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)  # untouched frozen modules, for saving
+    prompt_replacements: dict[str, str] = field(default_factory=dict)  # sample prompts: word -> text (TI tokens)
 
     @property
     def device(self) -> torch.device:
