@@ -40,6 +40,7 @@ def test_lock_refuses_a_second_holder_and_is_freed_by_death(tmp_path: Path) -> N
     with od.OutputLock(tmp_path):
         with pytest.raises(UserError, match=rf"in use by another run \(process {os.getpid()}\)"):
             od.OutputLock(tmp_path).acquire()
+    assert not (tmp_path / od.LOCK_NAME).exists()  # a finished run leaves no lock file
     od.OutputLock(tmp_path).acquire().release()  # free again
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
                                "from library.training.output_dir import OutputLock;"
