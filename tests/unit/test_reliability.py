@@ -121,7 +121,7 @@ def test_save_guard() -> None:
     assert not save_guard.weights_are_sound(good + [torch.tensor([2e20])])
     msg = str(save_guard.broken_weights_error(12, Path("out/lora-step00000010.safetensors")))
     assert "step 12" in msg and "out/lora-step00000010.safetensors" in msg and "\n" not in msg
-    assert "no save had been written yet" in str(save_guard.broken_weights_error(3, None))
+    assert "this run had written no save yet" in str(save_guard.broken_weights_error(3, None))
 
 
 # --- disk full ----------------------------------------------------------------------------------------
