@@ -76,16 +76,17 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
     ns = parse_args_with_config(parser, argv)
     configure_logging(ns)
     validate_training_args(ns, script)
-    lock = run_preflight(preflight_options(ns))  # folders, lock, sample prompts, --resume: before loading
     cfg = TrainConfig.from_namespace(ns)
     configs = dataset_configs_from_values(dict(vars(ns)))
     from library.training.setup import run_training  # the heavy imports start here
 
+    data = build_data(ns, cfg, configs=configs)  # scans every image before any model loads
+    method = make_method(ns, cfg)
+    if hasattr(method, "check_data"):  # checks that need the scanned dataset, still before any model loads
+        method.check_data(data)
+    # Only now, with every input checked, are folders created and the output folder locked.
+    lock = run_preflight(preflight_options(ns))  # folders, lock, sample prompts, --resume: before loading
     try:
-        data = build_data(ns, cfg, configs=configs)  # scans every image before any model loads
-        method = make_method(ns, cfg)
-        if hasattr(method, "check_data"):  # checks that need the scanned dataset, still before any model loads
-            method.check_data(data)
         path = run_training(cfg, data, method, make_sampler_callback(ns))
     finally:
         if lock is not None:
