@@ -69,13 +69,14 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
     from library.config.args import build_trainer_parser, parse_args_with_config
     from library.config.dataset_cli import dataset_configs_from_values
     from library.config.schema import validate_training_args
-    from library.training.preflight import run_preflight
+    from library.training.preflight import prepare_outputs, run_preflight
 
     # Everything up to here imports no torch/diffusers, so --help and option/config errors are quick.
     parser = build_trainer_parser(script, description=description)
     ns = parse_args_with_config(parser, argv)
     configure_logging(ns)
     validate_training_args(ns, script)
+    run_preflight(preflight_options(ns))  # --resume, sample prompts, output folders: checked, nothing written
     cfg = TrainConfig.from_namespace(ns)
     configs = dataset_configs_from_values(dict(vars(ns)))
     from library.training.setup import run_training  # the heavy imports start here
@@ -84,8 +85,7 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
     method = make_method(ns, cfg)
     if hasattr(method, "check_data"):  # checks that need the scanned dataset, still before any model loads
         method.check_data(data)
-    # Only now, with every input checked, are folders created and the output folder locked.
-    lock = run_preflight(preflight_options(ns))  # folders, lock, sample prompts, --resume: before loading
+    lock = prepare_outputs(preflight_options(ns))  # every input checked: create, lock, clear leftovers
     try:
         path = run_training(cfg, data, method, make_sampler_callback(ns))
     finally:

@@ -1,9 +1,11 @@
 """Checks a trainer runs after parsing and before loading any model or data.
 
-Everything that would otherwise fail after hours of training is looked at here: the folders the
-run writes to (created, writable, locked against a second run, cleared of our leftover
-temporaries), the ``--sample_prompts`` file (parsed and validated now, not at the first sample),
-and the ``--resume`` folder (complete and ours).
+Everything that would otherwise fail after hours of training is looked at here, in two stages.
+:func:`run_preflight` writes nothing and runs before the dataset scan: the ``--resume`` folder
+(complete and ours), the ``--sample_prompts`` file (parsed and validated now, not at the first
+sample) and whether the output and logging folders can be created and written.
+:func:`prepare_outputs` runs once every input has been checked: it creates the folders, locks the
+output folder against a second run and clears our leftover temporaries.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def check_sample_prompts(path: str, default_sampler: str) -> int:
     return len(specs)
 
 
-def run_preflight(opts: PreflightOptions) -> Optional[OutputLock]:
-    """Run every check; returns the output-folder lock the caller keeps for the whole run."""
+def run_preflight(opts: PreflightOptions) -> None:
+    """Every check that writes nothing: ``--resume``, ``--sample_prompts`` and whether the output and
+    logging folders can be created and written. Runs before the dataset scan."""
     if opts.resume:
         from library.training.state_io import check_pickles, read_marker
 
@@ -56,6 +59,16 @@ def run_preflight(opts: PreflightOptions) -> Optional[OutputLock]:
             logger.warning("--sample_prompts is given but no --sample_every_n_steps/epochs or --sample_at_first: "
                            "no samples will be made")
         logger.info("sample prompts: %d prompt(s) in %s", n, opts.sample_prompts)
+    if not opts.output_dir:
+        raise UserError("--output_dir is required: the folder the trained model is saved to")
+    check_writable_dir(opts.output_dir, "--output_dir", create=False)
+    if opts.logging_dir:
+        check_writable_dir(opts.logging_dir, "--logging_dir", create=False)
+
+
+def prepare_outputs(opts: PreflightOptions) -> Optional[OutputLock]:
+    """Create the folders, lock the output folder and clear our leftovers (after every input check);
+    returns the lock the caller holds for the whole run."""
     lock = prepare_output_dirs(opts.output_dir, opts.logging_dir)
     if opts.sample_prompts:
         check_writable_dir(Path(opts.output_dir) / "sample", "the sample folder")
