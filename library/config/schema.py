@@ -327,7 +327,7 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.
-NOT_IMPLEMENTED = ("fused_optimizer_groups", "deepspeed", "validation_split", "validate_every_n_steps",
+NOT_IMPLEMENTED = ("fused_optimizer_groups", "validation_split", "validate_every_n_steps",
                    "validate_every_n_epochs", "cpu_offload_checkpointing", "dynamo_fullgraph", "dynamo_dynamic",
                    "initial_epoch", "initial_step", "skip_until_initial_step", "save_n_epoch_ratio")
 
