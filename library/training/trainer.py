@@ -175,7 +175,8 @@ class Trainer:
         else:
             vae = self.run.models.vae
             with torch.no_grad():
-                latents = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist.sample().float()
+                posterior = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist
+                latents = posterior.sample(generator=self.rng.generator).float()  # seeded per batch
             latents = torch.nan_to_num(latents)
         return latents.to(self.run.device, self.run.weight_dtype) * VAE_SCALE_FACTOR
 
