@@ -23,6 +23,7 @@ Every trainer gets this through :class:`library.training.trainer.Trainer`, whate
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from datetime import timedelta
@@ -32,6 +33,8 @@ from typing import Any, Sequence
 import torch
 
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_HASH_ENV = "SDXL_TRAINER_WEIGHT_HASH_DIR"
 _BUCKET_BYTES = 256 * 2**20  # all-reduce gradients in flat buffers of at most this size
@@ -181,6 +184,11 @@ def prepare(accelerator: Any, method: Any, modules: list[torch.nn.Module], optim
     DeepSpeed engine, or the list of prepared modules).
     """
     kind = str(getattr(accelerator, "distributed_type", "NO"))
+    if accelerator.is_main_process:
+        how = ("DeepSpeed ZeRO" if "DEEPSPEED" in kind else "FSDP" if "FSDP" in kind
+               else "DDP" if uses_wrappers(accelerator, method, fused) else "gradients averaged by the loop")
+        logger.info("training on %d process(es), %s (%s)", accelerator.num_processes, kind.split(".")[-1],
+                    how if accelerator.num_processes > 1 else "no gradient sync needed")
     if "DEEPSPEED" in kind:
         engine, optimizer, loader, scheduler = accelerator.prepare(TrainedModules(modules), optimizer, loader,
                                                                    scheduler)
@@ -255,20 +263,33 @@ class WeightHashLog:
             f.write(f"{step} {digest.hexdigest()}\n")
 
 
-def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str) -> None:
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch --use_fsdp`` (or an accelerate config with FSDP) started this process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, ema: bool = False) -> None:
     """UserError for distributed options that cannot work, before any model is loaded."""
-    if not deepspeed:
+    sharding = "--deepspeed" if deepspeed else "FSDP (accelerate launch --use_fsdp)" if fsdp_requested() else None
+    if sharding is None:
         return
-    try:
-        import deepspeed as _  # noqa: F401
-    except ImportError:
-        raise UserError("--deepspeed needs the DeepSpeed package: pip install -e .[deepspeed] "
-                        "(or pip install deepspeed)") from None
+    if deepspeed:
+        try:
+            import deepspeed as _  # noqa: F401
+        except ImportError:
+            raise UserError("--deepspeed needs the DeepSpeed package: pip install -e .[deepspeed] "
+                            "(or pip install deepspeed)") from None
+        if not torch.cuda.is_available():
+            raise UserError("--deepspeed needs CUDA GPUs (accelerate runs DeepSpeed only on GPUs); on the CPU "
+                            "launch with accelerate launch --multi_gpu and without --deepspeed")
     if method_kind != "checkpoint":
-        raise UserError("--deepspeed shards full fine-tuning (sdxl_train.py); adapters are small enough "
-                        "for plain multi-GPU training: launch without --deepspeed")
+        raise UserError(f"{sharding} shards full fine-tuning (sdxl_train.py); adapters are small enough for "
+                        "plain multi-GPU training: accelerate launch --multi_gpu, without it")
     if fused_backward_pass:
-        raise UserError("--fused_backward_pass cannot be combined with --deepspeed (DeepSpeed steps the optimizer)")
+        raise UserError(f"--fused_backward_pass cannot be combined with {sharding} (it steps the optimizer itself)")
+    if ema:
+        raise UserError(f"--ema cannot be combined with {sharding} (the EMA copy would need the full weights "
+                        "on every GPU); train without --ema or on plain multi-GPU")
 
 
 def accelerator_kwargs(cfg: Any) -> dict[str, Any]:
@@ -282,7 +303,7 @@ def accelerator_kwargs(cfg: Any) -> dict[str, Any]:
         handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=cfg.ddp_gradient_as_bucket_view,
                                                       static_graph=cfg.ddp_static_graph))
     out: dict[str, Any] = {"kwargs_handlers": handlers} if handlers else {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not cfg.deepspeed:
         out["cpu"] = True  # accelerate forms a CPU (gloo) process group only when told cpu=True
     if cfg.deepspeed:
         out["deepspeed_plugin"] = deepspeed_plugin(cfg)
