@@ -200,6 +200,8 @@ def prepare(accelerator: Any, method: Any, modules: list[torch.nn.Module], optim
         trained = list(prepared[:n])
         return (trained, *prepared[n:], None, trained)
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    for module in modules:  # not prepared, so save_state/load_state would skip their weights
+        accelerator.register_for_checkpointing(module)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     return modules, optimizer, loader, scheduler, (None if fused else GradientAverager(params)), modules
 
