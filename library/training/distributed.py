@@ -318,7 +318,7 @@ def deepspeed_plugin(cfg: Any):
 
     plugin = DeepSpeedPlugin(
         zero_stage=cfg.zero_stage, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_clipping=cfg.max_grad_norm or None,
+        gradient_clipping=float(cfg.max_grad_norm or 0.0),  # 0: no clipping
         offload_optimizer_device=cfg.offload_optimizer_device or "none",
         offload_optimizer_nvme_path=cfg.offload_optimizer_nvme_path,
         offload_param_device=cfg.offload_param_device or "none",
