@@ -231,7 +231,9 @@ def _cpu(state: dict | None) -> dict:
 def materialize(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain CPU module of ``module``'s class and config holding the full weights ``state``
     (for saving a module whose own parameters are FSDP/ZeRO-3 shards)."""
-    cls, config = type(module), getattr(module, "config", None)
+    # FSDP2 swaps a module's class for a subclass of torch.distributed's; rebuild the model's own class
+    cls = next(c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed"))
+    config = getattr(module, "config", None)
     if config is None:
         raise RuntimeError(f"cannot rebuild {cls.__name__} for saving: it has no config")
     fresh = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
