@@ -26,9 +26,10 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -103,7 +103,7 @@ def test_lora_two_processes_equal_one_process_and_resume_exactly(tiny_ckpt, tiny
         counts = sorted(re.findall(rf"{what}: (\d+) computed, (\d+) reused \(process (\d) of 2\)", logs))
         assert [(c, p) for c, _, p in counts] == [("4", "1"), ("4", "2")], counts
     # one process wrote the outputs
-    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.M) == [str(out2 / "lora.safetensors")]
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "lora.safetensors")]
     assert sorted(p.name for p in out2.iterdir()) == ["lora-state", "lora-step00000002-state",
                                                       "lora-step00000002.safetensors", "lora.safetensors"]
     state_dir = out2 / "lora-step00000002-state"
@@ -157,7 +157,7 @@ def test_full_finetune_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir
     assert "training on 2 process(es), MULTI_CPU (DDP)" in r.stderr
     rank0, rank1 = step_hashes(tmp_path / "h")
     assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
-    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.M) == [str(out2 / "ft.safetensors")]
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
     assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
     a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(tiny_ckpt)
     assert a.keys() == b.keys() == base.keys()

@@ -144,7 +144,7 @@ def test_gradients_and_fused_steps_agree_with_one_process_on_the_whole_batch():
     procs = [mp.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (g, w)) for r, g, w in (queue.get(timeout=120) for _ in procs))
+    results = {r: (g, w) for r, g, w in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
