@@ -93,6 +93,16 @@ def average_grad(param: torch.Tensor) -> None:
         param.grad.div_(world)
 
 
+def broadcast_from_main(params: Sequence[torch.Tensor]) -> None:
+    """Give every process the main process's values of ``params`` (in place)."""
+    ok, world = _world()
+    if not ok or world == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
 class GradientAverager:
     """Average the gradients of ``params`` over all processes (DDP's result, for unwrapped modules).
 
@@ -204,6 +214,7 @@ def prepare(accelerator: Any, method: Any, modules: list[torch.nn.Module], optim
     for module in modules:  # not prepared, so save_state/load_state would skip their weights
         accelerator.register_for_checkpointing(module)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    broadcast_from_main(params)  # as DDP does: without --seed the processes initialised adapters differently
     return modules, optimizer, loader, scheduler, (None if fused else GradientAverager(params)), modules
 
 

@@ -116,6 +116,10 @@ def _worker(rank: int, port: int, queue) -> None:
 
         x, y = _data()
         half = slice(4 * rank, 4 * rank + 4)
+        differing = torch.nn.Linear(2, 2)  # (no common seed): process 1 takes process 0's weights
+        torch.nn.init.constant_(differing.weight, float(rank))
+        D.broadcast_from_main(list(differing.parameters()))
+        assert torch.equal(differing.weight, torch.zeros(2, 2))
         # GradientAverager: the mean of both halves' gradients
         model = _model()
         _loss(model, x[half], y[half]).backward()
