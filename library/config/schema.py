@@ -368,7 +368,7 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.
-NOT_IMPLEMENTED = ("deepspeed",)
+NOT_IMPLEMENTED: tuple[str, ...] = ()
 
 
 def _warn_ineffective(ns: argparse.Namespace, script: str) -> None:
