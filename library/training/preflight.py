@@ -3,7 +3,9 @@
 Everything that would otherwise fail after hours of training is looked at here, in two stages.
 :func:`run_preflight` writes nothing and runs before the dataset scan: the ``--resume`` folder
 (complete and ours), the ``--sample_prompts`` file (parsed and validated now, not at the first
-sample) and whether the output and logging folders can be created and written.
+sample) and whether the output and logging folders can be created and written; in an existing output
+folder it also removes the leftovers of an interrupted save (under the folder's lock, so never those of
+a run still writing there).
 :func:`prepare_outputs` runs once every input has been checked: it creates the folders, locks the
 output folder against a second run and clears our leftover temporaries.
 """
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from library.errors import UserError
-from library.training.output_dir import OutputLock, check_writable_dir, prepare_output_dirs
+from library.training.output_dir import (OutputLock, check_writable_dir, is_main_launch_process, prepare_output_dirs,
+                                         remove_orphaned_temp_files)
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +64,12 @@ def run_preflight(opts: PreflightOptions) -> None:
         logger.info("sample prompts: %d prompt(s) in %s", n, opts.sample_prompts)
     if not opts.output_dir:
         raise UserError("--output_dir is required: the folder the trained model is saved to")
-    check_writable_dir(opts.output_dir, "--output_dir", create=False)
+    out = check_writable_dir(opts.output_dir, "--output_dir", create=False)
     if opts.logging_dir:
         check_writable_dir(opts.logging_dir, "--logging_dir", create=False)
+    if out.is_dir() and is_main_launch_process():
+        with OutputLock(out):  # a run writing there now stops this one here, before the scan
+            remove_orphaned_temp_files(out)  # leftovers of an interrupted save, even if this start fails later
 
 
 def prepare_outputs(opts: PreflightOptions) -> Optional[OutputLock]:
