@@ -5,7 +5,8 @@
         --prompt "a cat on a sofa --n blurry, lowres --d 42" --W 1024 --H 1024 --steps 30 --sampler euler_a
 
 LoRA: ``--network_module networks.lora --network_weights a.safetensors b.safetensors --network_mul 0.8 0.5``;
-textual inversion: ``--textual_inversion_embeddings emb.safetensors`` (say ``emb`` in the prompt).
+textual inversion: ``--textual_inversion_embeddings emb.safetensors`` (say ``emb`` in the prompt);
+ControlNet-LLLite: ``--control_net_lllite_models c.safetensors --guide_image_path edges.png``.
 Every option and the prompt syntax: docs/gen_img.md.
 """
 
@@ -74,11 +75,27 @@ def _build_generator(args, device, dtype):
     networks = pl.load_networks(args.network_module or ["networks.lora"], files, args.network_mul or [], gen.unet,
                                 gen.vae, gen.text_encoders, dtype, device, merge=args.network_merge,
                                 merge_count=args.network_merge_n_models, network_args=network_args)
+    _attach_lllite(args, gen, device, dtype)
     if args.torch_compile:  # after LoRA hooks are in place, so they are traced into the graph
         import torch
 
         gen.unet = torch.compile(gen.unet, mode=args.dynamo_mode)
     return gen, networks
+
+
+def _attach_lllite(args, gen, device, dtype) -> None:
+    """Hook each --control_net_lllite_models file onto the U-Net (after LoRA) and register the step hook."""
+    if not args.control_net_lllite_models:
+        return
+    from library.inference.control import LLLiteControl, check_ratios
+    from networks.control_net_lllite import load_for_inference
+
+    count = len(args.control_net_lllite_models)
+    nets = [load_for_inference(f, gen.unet, device=device, dtype=dtype) for f in args.control_net_lllite_models]
+    gen.unet_hooks.append(LLLiteControl(nets, check_ratios(args.control_net_multipliers, count,
+                                                           "control_net_multipliers"),
+                                        check_ratios(args.control_net_ratios, count, "control_net_ratios")))
+    logger.info("ControlNet-LLLite: %d model(s), %d modules", count, sum(len(n.unet_modules) for n in nets))
 
 
 def _common_params(args) -> dict:
@@ -91,8 +108,9 @@ def _common_params(args) -> dict:
             "v_parameterization": args.v_parameterization or None}
 
 
-def _generate_all(args, ga, gen, networks, jobs) -> list[Path]:
+def _generate_all(args, ga, gen, networks, jobs, guides=None) -> list[Path]:
     from library.inference import pipeline as pl
+    from library.inference.control import LLLiteControl
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +122,10 @@ def _generate_all(args, ga, gen, networks, jobs) -> list[Path]:
         if networks and not args.network_merge:
             merged = len(args.network_weights) - len(networks)
             pl.set_network_multipliers(networks, s.network_multipliers, skip=merged)
+        control = next((h for h in gen.unet_hooks if isinstance(h, LLLiteControl)), None) if guides else None
+        if control is not None:
+            control.prepare(gen.unet, guides[len(written):len(written) + len(batch)], s.width, s.height,
+                            gen.device, gen.dtype)
         images = gen.generate(
             [j.spec.prompt for j in batch], [j.spec.negative_prompt for j in batch], width=s.width, height=s.height,
             steps=s.steps, guidance_scale=s.scale, sampler=s.sampler, seeds=[j.seed for j in batch],
@@ -111,6 +133,8 @@ def _generate_all(args, ga, gen, networks, jobs) -> list[Path]:
             negative_original_size=(s.original_height_negative, s.original_width_negative),
             max_embeddings_multiples=args.max_embeddings_multiples, negative_scale=s.negative_scale,
             vae_batch_size=vae_batch)
+        if control is not None:
+            control.clear()
         stamp = time.strftime("%Y%m%d%H%M%S")
         for job, image in zip(batch, images):
             name = pl.output_name(len(written), job.seed, stamp, sequence)
@@ -129,10 +153,15 @@ def main(argv=None) -> list[Path]:
     args = ga.parse_args(argv)
     ga.validate_args(args)
     jobs = ga.plan_jobs(_prompt_specs(args, ga), args.images_per_prompt, args.n_iter, args.seed, args.iter_same_seed)
+    guides = None
+    if args.control_net_lllite_models:
+        from library.inference.control import guide_paths
+
+        guides = guide_paths([j.spec for j in jobs], args.guide_image_path)
     device, dtype = _device_and_dtype(args)
     logger.info("%d image(s) on %s in %s", len(jobs), device, str(dtype).replace("torch.", ""))
     gen, networks = _build_generator(args, device, dtype)
-    written = _generate_all(args, ga, gen, networks, jobs)
+    written = _generate_all(args, ga, gen, networks, jobs, guides)
     logger.info("done: %d image(s) in %s", len(written), args.outdir)
     return written
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from library.inference.control import block_depths, check_image_size, pixel_factor  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -168,36 +169,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while type(model).__name__ in ("OptimizedModule", "DistributedDataParallel"):
         model = getattr(model, "_orig_mod", None) or model.module
     return model
-
-
-def block_depths(unet: nn.Module) -> tuple[list[int], int, list[int]]:
-    """(depth per down block, mid-block depth, depth per up block) from the U-Net's down/upsamplers."""
-    unet = _unwrap(unet)
-    down, depth = [], 1
-    for block in unet.down_blocks:
-        down.append(depth)
-        depth += getattr(block, "downsamplers", None) is not None
-    mid, up = depth, []
-    for block in unet.up_blocks:
-        up.append(depth)
-        depth -= getattr(block, "upsamplers", None) is not None
-    return down, mid, up
-
-
-def pixel_factor(unet: nn.Module) -> int:
-    """The side length every guide / output image must be a multiple of (32 for SDXL): VAE 8 x U-Net."""
-    _, mid, _ = block_depths(unet)
-    return 8 * 2 ** (mid - 1)
-
-
-def check_image_size(unet: nn.Module, width: int, height: int) -> None:
-    """UserError naming the nearest valid sizes when ``width``/``height`` do not fit the U-Net."""
-    factor = pixel_factor(unet)
-    for what, value in (("width", width), ("height", height)):
-        if value % factor:
-            low, high = value - value % factor, value - value % factor + factor
-            raise UserError(f"ControlNet-LLLite: image {what} {value} is not a multiple of {factor} (the U-Net's "
-                            f"total downsampling); use {low or factor} or {high}")
 
 
 def candidate_modules(unet: nn.Module) -> Iterator[tuple[str, str, nn.Linear, int, str]]:
