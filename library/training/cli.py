@@ -31,8 +31,10 @@ def build_data(ns: Any, cfg: TrainConfig, allowed_kinds=None):
     return build_dataset_group(values, allowed_kinds=allowed_kinds)
 
 
-def make_sampler_callback(ns: Any) -> Callable | None:
-    """The sample-image callback when --sample_prompts is given (None otherwise)."""
+def make_sampler_callback(ns: Any, prompt_context: Callable | None = None) -> Callable | None:
+    """The sample-image callback when --sample_prompts is given (None otherwise).
+
+    ``prompt_context``: the method's per-prompt context (see ``sampling.sample_images``)."""
     if not getattr(ns, "sample_prompts", None):
         return None
     from library.training.sampling import SampleOptions, sample_images
@@ -40,15 +42,17 @@ def make_sampler_callback(ns: Any) -> Callable | None:
     opts = SampleOptions(prompts_file=ns.sample_prompts, sampler=ns.sample_sampler, output_name=ns.output_name)
 
     def callback(run, epoch: int, step: int) -> None:
-        sample_images(run, opts, epoch=epoch, step=step)
+        sample_images(run, opts, epoch=epoch, step=step, prompt_context=prompt_context)
     return callback
 
 
-def train_main(script: str, description: str, make_method: Callable[[Any, TrainConfig], Any], argv=None) -> None:
+def train_main(script: str, description: str, make_method: Callable[[Any, TrainConfig], Any], argv=None,
+               allowed_kinds=None) -> None:
     """The whole of a trainer script: parse (with --config_file), check, scan data, build the method, train.
 
     ``script`` is the option set ("train", "train_network", ...); ``make_method(ns, cfg)`` turns the
-    parsed options into the training method.
+    parsed options into the training method; ``allowed_kinds`` limits the dataset kinds
+    ("dreambooth", "finetune", "controlnet").
     """
     from library.config.args import build_trainer_parser, parse_args_with_config
     from library.config.schema import validate_training_args
@@ -59,7 +63,8 @@ def train_main(script: str, description: str, make_method: Callable[[Any, TrainC
     configure_logging(ns)
     validate_training_args(ns, script)
     cfg = TrainConfig.from_namespace(ns)
-    data = build_data(ns, cfg)  # scans every image before any model loads
-    path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
+    data = build_data(ns, cfg, allowed_kinds)  # scans every image before any model loads
+    method = make_method(ns, cfg)
+    path = run_training(cfg, data, method, make_sampler_callback(ns, getattr(method, "sample_context", None)))
     if path is not None:
         print(f"saved {path}")
