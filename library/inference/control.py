@@ -28,7 +28,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def block_depths(unet: nn.Module) -> tuple[list[int], int, list[int]]:
+def block_depths(unet: torch.nn.Module) -> tuple[list[int], int, list[int]]:
     """(depth per down block, mid-block depth, depth per up block) from the U-Net's down/upsamplers."""
     unet = _unwrap(unet)
     down, depth = [], 1
@@ -42,13 +42,13 @@ def block_depths(unet: nn.Module) -> tuple[list[int], int, list[int]]:
     return down, mid, up
 
 
-def pixel_factor(unet: nn.Module) -> int:
+def pixel_factor(unet: torch.nn.Module) -> int:
     """The side length every guide / output image must be a multiple of (32 for SDXL): VAE 8 x U-Net."""
     _, mid, _ = block_depths(unet)
     return 8 * 2 ** (mid - 1)
 
 
-def check_image_size(unet: nn.Module, width: int, height: int) -> None:
+def check_image_size(unet: torch.nn.Module, width: int, height: int) -> None:
     """UserError naming the nearest valid sizes when ``width``/``height`` do not fit the U-Net."""
     factor = pixel_factor(unet)
     for what, value in (("width", width), ("height", height)):

@@ -8,7 +8,13 @@ import torch
 from PIL import Image
 
 from library.data.cachers import LatentCacheOptions
-from tests.unit.test_dataset import _epoch_batches, _group, _one_dataset, _save, fake_vae
+from tests.unit.test_dataset import (
+    _epoch_batches,
+    _group,
+    _one_dataset,
+    _save,
+    fake_vae,
+)
 
 
 def test_control_image_matches_cached_latents_crop_and_flip(tmp_path: Path) -> None:
