@@ -117,13 +117,12 @@ class LLLiteMethod:
     def unet_forward(self, run, noisy, timesteps, context, added, batch) -> torch.Tensor:
         network = self.prepared if self.prepared is not None else self.network
         network(conditioning_for(batch, run.device))  # embeds in every module, with gradients
-        try:
-            return run.models.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
-        finally:
-            self.network.clear_cond_image()
+        # The embeddings stay until the optimizer step: a checkpointed U-Net recomputes its blocks
+        # (and the modules inside them) during backward.
+        return run.models.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
 
     def after_optimizer_step(self, run: TrainingRun) -> None:
-        return None
+        self.network.clear_cond_image()
 
     @contextlib.contextmanager
     def sample_context(self, spec: Any, width: int, height: int) -> Iterator[None]:
