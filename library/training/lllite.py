@@ -35,7 +35,6 @@ class LLLiteOptions:
     network_dropout: float | None = None
     network_weights: str | None = None
     network_args: Sequence[str] = ()
-    unet_lr: float | None = None
 
     @classmethod
     def from_namespace(cls, ns: Any) -> "LLLiteOptions":
@@ -104,8 +103,7 @@ class LLLiteMethod:
         self.network, self.run = net, run
 
     def param_groups(self) -> list[dict]:
-        groups, self.descriptions = self.network.prepare_optimizer_params(None, self.opts.unet_lr,
-                                                                          self.run.cfg.learning_rate)
+        groups, self.descriptions = self.network.prepare_optimizer_params(None, None, self.run.cfg.learning_rate)
         return groups
 
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -158,7 +156,6 @@ class LLLiteMethod:
             return meta
         full = common_metadata(run, self.kind, epoch, step)
         full.update(meta)
-        full["ss_unet_lr"] = str(opts.unet_lr)
         return full
 
     def save(self, run: TrainingRun, stem: str, epoch: int, step: int) -> Path:

@@ -198,3 +198,12 @@ def test_image_size_must_fit_the_unet_downsampling(tiny):
         net.restore()
     with pytest.raises(UserError, match="not a ControlNet-LLLite option"):
         L.create_network(1.0, 4, None, None, None, tiny.unet, conv_dim="4")
+
+
+def test_network_args_select_blocks(tiny):
+    def count(**kw):
+        return len(L.create_network(1.0, 4, None, None, None, tiny.unet, cond_emb_dim=4, **kw).unet_modules)
+    assert count() == 32  # input 4, 5 (1 block each), 7, 8 and middle (2 each): 8 blocks x 4 projections
+    assert count(transformer_max_block_index="0") == 20
+    assert count(skip_input_blocks="true") == 8
+    assert count(skip_output_blocks="false") == 32 + 4 * (3 * 2 + 3 * 1)  # + output blocks 0-2 (2), 3-5 (1)
