@@ -263,6 +263,8 @@ _LLLITE = [
     opt("network_dim", "Hidden width of each LLLite module.", type=int, default=None),
     opt("network_dropout", "Dropout inside the LLLite modules (0 to 1).", type=float, default=None),
     opt("network_weights", "Start from these LLLite weights.", type=str, default=None),
+    opt("network_args", "LLLite module selection: skip_input_blocks=, skip_output_blocks=, "
+        "transformer_max_block_index= (sd-scripts' module constants).", type=str, default=None, nargs="*"),
     opt("conditioning_data_dir", "Folder of control images with the same file names as the training images.",
         type=str, default=None),
 ]

@@ -362,9 +362,6 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
         if not (_get(ns, "dataset_config") or _get(ns, "conditioning_data_dir")):
             raise UserError("ControlNet-LLLite needs control images: give --conditioning_data_dir or a "
                             "--dataset_config whose subsets set conditioning_data_dir")
-        if _get(ns, "random_crop"):
-            logger.warning("--random_crop is not supported for ControlNet-LLLite (the control image would not "
-                           "match); images are centre-cropped")
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.

@@ -69,6 +69,7 @@ class PromptSpec:
     gradual_latent_ratio_step: Optional[float] = None
     gradual_latent_s_noise: Optional[float] = None
     gradual_latent_unsharp_params: Optional[str] = None
+    controlnet_image: Optional[str] = None
     raw_prompt: Optional[str] = None
 
     @property
@@ -217,6 +218,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "gls": ("gradual_latent_ratio_step", _to_float),
     "glsn": ("gradual_latent_s_noise", _to_float),
     "glus": ("gradual_latent_unsharp_params", _to_text),
+    "cn": ("controlnet_image", _to_text),
 }
 
 _OPTION_SPLIT = re.compile(r"(?:^|\s)--(?=[A-Za-z])")
@@ -253,7 +255,7 @@ def parse_prompt_line(line: str, source: Optional[str] = None) -> PromptSpec:
     Supported: ``--w --h`` size, ``--ow --oh`` original size, ``--nw --nh`` negative original size,
     ``--ct --cl`` crop top/left, ``--s`` steps, ``--d`` seeds, ``--l`` CFG scale, ``--nl`` negative
     scale (or ``none``), ``--t`` img2img strength, ``--n`` negative prompt, ``--c`` CLIP prompt,
-    ``--am`` network multipliers, ``--ss`` sampler, and the Deep Shrink / Gradual Latent options
+    ``--am`` network multipliers, ``--ss`` sampler, ``--cn`` ControlNet-LLLite guide image, and the Deep Shrink / Gradual Latent options
     ``--dsd1 --dst1 --dsd2 --dst2 --dsr --glt --glr --gle --gls --glsn --glus``. Unknown options
     are logged as warnings and ignored; a malformed value raises :class:`UserError` naming the
     option, the line and ``source`` (e.g. ``"prompts.txt:3"``) when given.
