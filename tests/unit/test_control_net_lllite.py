@@ -207,3 +207,38 @@ def test_network_args_select_blocks(tiny):
     assert count(transformer_max_block_index="0") == 20
     assert count(skip_input_blocks="true") == 8
     assert count(skip_output_blocks="false") == 32 + 4 * (3 * 2 + 3 * 1)  # + output blocks 0-2 (2), 3-5 (1)
+
+
+@pytest.mark.slow
+def test_highres_fix_with_lllite_both_stages_and_disable_flag(tiny_ckpt, tmp_path):
+    """The highres fix's first stage runs at half size: the guide is embedded again at that size.
+    Multiplier 0 gives the plain highres image exactly; --highres_fix_disable_control_net changes
+    only the second stage, so its image differs from the one with LLLite in both stages."""
+    import numpy as np
+    from PIL import Image
+
+    import sdxl_gen_img
+    from library.models.checkpoint_io import load_sdxl
+
+    unet = load_sdxl(tiny_ckpt).unet
+    net = L.create_network(1.0, 8, None, None, None, unet, cond_emb_dim=6)
+    _randomise(net, seed=5)
+    model = tmp_path / "lllite.safetensors"
+    net.save_weights(model, None, {})
+    guide = tmp_path / "guide.png"
+    Image.fromarray((np.indices((128, 128)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB").save(guide)
+    common = ["--ckpt", str(tiny_ckpt), "--prompt", "a square --d 3", "--W", "128", "--H", "128", "--steps", "2",
+              "--sampler", "euler", "--highres_fix_scale", "0.5", "--highres_fix_steps", "2"]
+    lllite = ["--control_net_lllite_models", str(model), "--guide_image_path", str(guide)]
+
+    def image(name: str, *extra: str) -> np.ndarray:
+        paths = sdxl_gen_img.main([*common, *extra, "--outdir", str(tmp_path / name)])
+        assert len(paths) == 1
+        return np.asarray(Image.open(paths[0]), dtype=np.int16)
+
+    plain = image("plain")
+    assert plain.shape == (128, 128, 3)
+    assert np.array_equal(image("zero", *lllite, "--control_net_multipliers", "0"), plain)
+    both = image("both", *lllite)
+    first_only = image("first", *lllite, "--highres_fix_disable_control_net")
+    assert np.abs(both - plain).max() > 0 and np.abs(both - first_only).max() > 0
