@@ -155,7 +155,7 @@ def main(argv=None) -> list[Path]:
     args = ga.parse_args(argv)
     gf.configure_logging(args)
     ga.validate_args(args)
-    from library.training.output_dir import check_writable_dir
+    from library.output_dir import check_writable_dir
 
     check_writable_dir(args.outdir, "--outdir")  # before loading: a file or read-only folder is one line
     images, masks = gf.load_sources(args)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from library.errors import UserError
-from library.training.output_dir import (OutputLock, check_writable_dir, is_main_launch_process, prepare_output_dirs,
+from library.output_dir import (OutputLock, check_writable_dir, is_main_launch_process, prepare_output_dirs,
                                          remove_orphaned_temp_files)
 
 logger = logging.getLogger(__name__)

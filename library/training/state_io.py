@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 MARKER_FILE = "sdxl_trainer_state.json"
 STATE_FORMAT = "sdxl-trainer-state"
 STATE_VERSION = 1
-PARTIAL_SUFFIX = ".partial_.tmp"  # matches library.training.output_dir's temp-name pattern
+PARTIAL_SUFFIX = ".partial_.tmp"  # matches library.output_dir's temp-name pattern
 _PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 _ACCELERATE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
-from library.training import output_dir as od
+from library import output_dir as od
 from library.training import save_guard, state_io
 from tests.conftest import ROOT
 
@@ -43,7 +43,7 @@ def test_lock_refuses_a_second_holder_and_is_freed_by_death(tmp_path: Path) -> N
     assert not (tmp_path / od.LOCK_NAME).exists()  # a finished run leaves no lock file
     od.OutputLock(tmp_path).acquire().release()  # free again
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from library.training.output_dir import OutputLock;"
+                               "from library.output_dir import OutputLock;"
                                "OutputLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
