@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_bucket_reso", type=int, default=1024, help="Largest bucket side (2048 suits SDXL).")
     p.add_argument("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this (32 or 64).")
     p.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"),
-                   help="dtype of the VAE (see --no_half_vae).")
+                   help="dtype of the VAE: bf16 runs it in bf16 unless --no_half_vae; fp16 and no run it in "
+                        "float32 (the SDXL VAE overflows in fp16), the rule the trainers use.")
     for name, help_text in _FLAGS:
         p.add_argument(name, action="store_true", help=help_text)
     return p
@@ -117,7 +118,7 @@ def plan_items(args, metadata: dict) -> list:
         plan = crop_for(size, placed.bucket, False, None, resized=placed.resized_size)
         out.append((key, LatentCacheItem(path, size, placed.bucket, placed.resized_size,
                                          (plan.left, plan.top), plan.crop_ltrb,
-                                         legacy_latent_cache_path(path))))
+                                         legacy_latent_cache_path(path), fingerprint=scan.fingerprints.get(path))))
     if not out:
         raise UserError(f"no image of {args.train_data_dir} has an entry in {args.in_json}")
     return out
@@ -141,20 +142,21 @@ def main(argv=None) -> None:
         raise UserError(f"train_data_dir {args.train_data_dir}: folder not found")
     import torch  # the heavy imports start here
 
-    from library.data.cachers import LatentCacheOptions, LatentCacher, VaeEncoder, module_fingerprint
+    from library.data.cachers import LatentCacheOptions, LatentCacher, VaeEncoder, module_fingerprint, vae_cache_dtype
     from library.models.atomic import atomic_path
-    from tools.cache_latents import compute_dtype, load_vae_for
+    from tools.cache_latents import load_vae_for
 
     metadata = read_metadata(args.in_json)
     items = plan_items(args, metadata)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(args, device)
-    vae = load_vae_for(args.model_name_or_path, None, dtype)
+    dtype = vae_cache_dtype(args.mixed_precision, getattr(args, "no_half_vae", False))  # the trainers' rule
+    vae = load_vae_for(args.model_name_or_path, None, None)  # weights as stored: the trainers' fingerprint
+    vae_id = module_fingerprint(vae)
     options = LatentCacheOptions(
         vae_dtype=str(dtype).replace("torch.", ""), vae_batch_size=args.batch_size, to_disk=True,
         skip_existing=args.skip_existing, flip_aug=args.flip_aug, alpha_mask=args.alpha_mask,
         num_workers=args.max_data_loader_n_workers if args.max_data_loader_n_workers is not None else 2)
-    report = LatentCacher(VaeEncoder(vae, device, dtype), module_fingerprint(vae), options).cache(
+    report = LatentCacher(VaeEncoder(vae, device, dtype), vae_id, options).cache(
         [item for _, item in items])
     for key, item in items:
         metadata[key]["train_resolution"] = list(item.bucket_reso)

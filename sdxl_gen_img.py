@@ -8,6 +8,7 @@ LoRA: ``--network_module networks.lora --network_weights a.safetensors b.safeten
 textual inversion: ``--textual_inversion_embeddings emb.safetensors`` (say ``emb`` in the prompt);
 img2img / inpainting ``--image_path --mask_path --strength``; highres fix ``--highres_fix_scale 0.5``;
 Deep Shrink ``--ds_depth_1 3``; Gradual Latent ``--gradual_latent_timesteps 650``.
+ControlNet-LLLite: ``--control_net_lllite_models c.safetensors --guide_image_path edges.png``.
 Every option and the prompt syntax: docs/gen_img.md.
 """
 
@@ -78,6 +79,12 @@ def _build_generator(args, device, dtype):
                                 gen.vae, gen.text_encoders, dtype, device, merge=args.network_merge,
                                 merge_count=args.network_merge_n_models, network_args=network_args)
     gf.install_deep_shrink(gen, args)  # before torch.compile
+    if args.control_net_lllite_models:  # after LoRA, before torch.compile
+        from library.inference.control import LLLiteControl
+        from networks.control_net_lllite import load_for_inference
+
+        nets = [load_for_inference(f, gen.unet, device=device, dtype=dtype) for f in args.control_net_lllite_models]
+        gen.unet_hooks.append(LLLiteControl.from_options(nets, args.control_net_multipliers, args.control_net_ratios))
     if args.torch_compile:  # after LoRA hooks are in place, so they are traced into the graph
         from library.models.regional_compile import CompileSettings, compile_unet_regions
 
@@ -95,9 +102,10 @@ def _common_params(args) -> dict:
             "v_parameterization": args.v_parameterization or None}
 
 
-def _generate_all(args, ga, gen, networks, jobs, highres=None) -> list[Path]:
+def _generate_all(args, ga, gen, networks, jobs, highres=None, guides=None) -> list[Path]:
     from library.inference import gen_features as gf
     from library.inference import pipeline as pl
+    from library.inference.control import lllite_control
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -105,11 +113,14 @@ def _generate_all(args, ga, gen, networks, jobs, highres=None) -> list[Path]:
     sequence = pl.next_sequence_number(outdir, prefix) if args.sequential_file_name else None
     common, written, count = _common_params(args), [], 0
     vae_batch = ga.vae_batch(args.vae_batch_size, args.batch_size)
+    control = lllite_control(gen) if guides else None  # ControlNet-LLLite: one guide image per generated image
     for batch in ga.batches(jobs, args.batch_size):
         s = batch[0].spec
         if networks and not args.network_merge:
             merged = len(args.network_weights) - len(networks)
             pl.set_network_multipliers(networks, s.network_multipliers, skip=merged)
+        if control is not None:
+            control.prepare(gen.unet, guides[count:count + len(batch)], s.width, s.height, gen.device, gen.dtype)
         stamp = time.strftime("%Y%m%d%H%M%S")
         kwargs = gf.generate_kwargs(batch, args.max_embeddings_multiples, vae_batch)
         save_first = None
@@ -118,11 +129,22 @@ def _generate_all(args, ga, gen, networks, jobs, highres=None) -> list[Path]:
             save_first = lambda imgs, kw: written.extend(  # noqa: E731
                 gf.save_images(args, outdir, batch, imgs, first_names, common, kw))
         images = gf.run_batch(gen, batch, args, kwargs, highres, save_first)
+        if control is not None:
+            control.clear()
         names = gf.batch_names(batch, args, count, stamp, sequence, prefix)
         written.extend(gf.save_images(args, outdir, batch, images, names, common))
         count += len(batch)
         sequence = sequence + len(batch) if sequence is not None else None
     return written
+
+
+def _guides(args, jobs) -> list[str] | None:
+    """One ControlNet-LLLite guide image per job (a prompt's ``--cn`` wins), or None without LLLite."""
+    if not args.control_net_lllite_models:
+        return None
+    from library.inference.control import guide_paths
+
+    return guide_paths([j.spec for j in jobs], args.guide_image_path)
 
 
 def main(argv=None) -> list[Path]:
@@ -140,15 +162,18 @@ def main(argv=None) -> list[Path]:
     from_images = args.prompt is None and args.from_file is None and not args.interactive  # prompts in the PNGs
     jobs = [] if args.interactive else gf.plan(args, _prompt_specs(
         args, ga, gf.specs_from_images(images) if from_images else None), images, masks, from_images)
+    guides = _guides(args, jobs)  # every guide image checked before any model loads
     device, dtype = _device_and_dtype(args)
     logger.info("%d image(s) on %s in %s", len(jobs), device, str(dtype).replace("torch.", ""))
     gen, networks = _build_generator(args, device, dtype)
     highres = gf.highres_from_args(args, device, dtype)
     if args.interactive:  # one prompt line at a time from stdin, until end of input
-        written = gf.interactive(lambda line: _generate_all(args, ga, gen, networks, gf.plan(
-            args, _prompt_specs(args, ga, [ga.parse_prompt_line(line)]), images, masks), highres))
+        def one_line(line: str) -> list[Path]:
+            line_jobs = gf.plan(args, _prompt_specs(args, ga, [ga.parse_prompt_line(line)]), images, masks)
+            return _generate_all(args, ga, gen, networks, line_jobs, highres, _guides(args, line_jobs))
+        written = gf.interactive(one_line)
     else:
-        written = _generate_all(args, ga, gen, networks, jobs, highres)
+        written = _generate_all(args, ga, gen, networks, jobs, highres, guides)
     logger.info("done: %d image(s) in %s", len(written), args.outdir)
     return written
 

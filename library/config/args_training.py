@@ -242,9 +242,12 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
 _TEXTUAL_INVERSION = [
     opt("token_string", "The new token to learn; it must not exist in either tokenizer and every caption "
         "must contain it.", type=str, default=None),
-    opt("init_word", "Word(s) whose embeddings initialise the new token.", type=str, default=None),
-    opt("num_vectors_per_token", "Number of embedding vectors for the token.", type=int, default=1),
-    opt("weights", "Start from this embedding file.", type=str, default=None),
+    opt("init_word", "Word(s) whose token embeddings initialise the new vectors (repeated cyclically when they "
+        "are fewer tokens than --num_vectors_per_token; default: the mean embedding).", type=str, default=None),
+    opt("num_vectors_per_token", "Number of embedding vectors N for the token (tokens tok, tok1, ..., tok{N-1}).",
+        type=int, default=1),
+    opt("weights", "Start from this embedding file (.safetensors/.pt/.ckpt with clip_l and clip_g, N vectors).",
+        type=str, default=None),
     flag("use_object_template", "Ignore captions and use built-in object prompt templates."),
     flag("use_style_template", "Ignore captions and use built-in style prompt templates."),
 ]
@@ -260,6 +263,8 @@ _LLLITE = [
     opt("network_dim", "Hidden width of each LLLite module.", type=int, default=None),
     opt("network_dropout", "Dropout inside the LLLite modules (0 to 1).", type=float, default=None),
     opt("network_weights", "Start from these LLLite weights.", type=str, default=None),
+    opt("network_args", "LLLite module selection: skip_input_blocks=, skip_output_blocks=, "
+        "transformer_max_block_index= (sd-scripts' module constants).", type=str, default=None, nargs="*"),
     opt("conditioning_data_dir", "Folder of control images with the same file names as the training images.",
         type=str, default=None),
 ]

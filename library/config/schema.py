@@ -255,6 +255,13 @@ def _check_device(ns: argparse.Namespace, script: str) -> None:
     if script != "train" and _get(ns, "fp8_base") and not _cuda_available():
         name = "--fp8_base_unet" if _get(ns, "fp8_base_unet") else "--fp8_base"
         raise UserError(f"{name} needs a CUDA GPU (torch.cuda.is_available() is False); remove {name}")
+    if _get(ns, "mixed_precision") == "fp16" and not _cuda_available():
+        import torch
+
+        from library.training.precision import check_mixed_precision_device
+
+        mps = getattr(torch.backends, "mps", None)
+        check_mixed_precision_device("fp16", "mps" if mps is not None and mps.is_available() else "cpu")
 
 
 def _check_buckets(ns: argparse.Namespace, script: str) -> None:
@@ -355,13 +362,10 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
         if not (_get(ns, "dataset_config") or _get(ns, "conditioning_data_dir")):
             raise UserError("ControlNet-LLLite needs control images: give --conditioning_data_dir or a "
                             "--dataset_config whose subsets set conditioning_data_dir")
-        if _get(ns, "random_crop"):
-            logger.warning("--random_crop is not supported for ControlNet-LLLite (the control image would not "
-                           "match); images are centre-cropped")
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.
-NOT_IMPLEMENTED = ("deepspeed",)
+NOT_IMPLEMENTED: tuple[str, ...] = ()
 
 
 def _warn_ineffective(ns: argparse.Namespace, script: str) -> None:

@@ -20,7 +20,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -443,10 +443,28 @@ def vae_cache_dtype(mixed_precision: str, no_half_vae: bool) -> torch.dtype:
     return torch.bfloat16 if mixed_precision == "bf16" and not no_half_vae else torch.float32
 
 
+def sample_posterior_per_image(posterior: Any, pixels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A sample of the VAE posterior whose noise is seeded by each image's own pixels (and ``seed``).
+
+    The latents of an image are then the same whatever batch, order or process encoded it, so a
+    cache filled by several processes equals one filled by a single process. Noise is drawn in
+    float32 on the CPU (the same on every device). Returns float32 [B, C, h, w].
+    """
+    mean = posterior.mean.float()
+    std = posterior.std.float()
+    noise = []
+    for image in pixels:
+        digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8,
+                                 key=str(seed).encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        noise.append(torch.randn(tuple(mean.shape[1:]), generator=gen, dtype=torch.float32))
+    return mean + std * torch.stack(noise).to(mean.device)
+
+
 class VaeEncoder:
     """``encode_fn`` for :class:`LatentCacher`: pixels [B, 3, H, W] in [-1, 1] -> latents
-    [B, 4, H/8, W/8] float32, *unscaled*, sampled from the VAE posterior with a seeded
-    generator (as sd-scripts samples, not the mean)."""
+    [B, 4, H/8, W/8] float32, *unscaled*, sampled from the VAE posterior (as sd-scripts samples,
+    not the mean) with noise seeded per image (:func:`sample_posterior_per_image`)."""
 
     def __init__(self, vae: torch.nn.Module, device: torch.device | str, dtype: torch.dtype,
                  seed: int = 0) -> None:
@@ -454,12 +472,12 @@ class VaeEncoder:
         if next(vae.parameters()).dtype != dtype:
             vae = vae.to(dtype=dtype)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-            return posterior.sample(generator=self.generator).float()
+            return sample_posterior_per_image(posterior, pixels, self.seed)
 
 
 class TextEncoderPairEncoder:
@@ -475,7 +493,7 @@ class TextEncoderPairEncoder:
     def __call__(self, captions: list) -> tuple:
         with torch.no_grad():
             if self.weighted:
-                from library.inference.weighting import encode_weighted_prompt
+                from library.text.weighting import encode_weighted_prompt
 
                 context, pool = encode_weighted_prompt(self.tokenizers, self.text_encoders, captions,
                                                        self.max_token_length)

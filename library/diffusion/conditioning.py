@@ -72,23 +72,28 @@ def first_eos_index(ids: torch.Tensor) -> torch.Tensor:
     return torch.argmax(is_eos, dim=-1)
 
 
+def _inner(module):
+    """The model inside a DDP-style wrapper (called through the wrapper; attributes read inside)."""
+    return getattr(module, "module", module)
+
+
 def encode_te1(te1, ids: torch.Tensor) -> torch.Tensor:
     """TE1 penultimate hidden states for windowed ids (B, n, 77) -> (B, T, C1)."""
     b, n, t = ids.shape
-    out = te1(ids.reshape(b * n, t).to(te1.device), output_hidden_states=True)
+    out = te1(ids.reshape(b * n, t).to(_inner(te1).device), output_hidden_states=True)
     return merge_windows(out.hidden_states[-2], n)
 
 
 def encode_te2(te2, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TE2 penultimate hidden states (B, T, C2) and the pooled projection (B, P) from the first window."""
     b, n, t = ids.shape
-    flat = ids.reshape(b * n, t).to(te2.device)
+    flat = ids.reshape(b * n, t).to(_inner(te2).device)
     out = te2(flat, output_hidden_states=True)
     hidden = merge_windows(out.hidden_states[-2], n)
     final = out.last_hidden_state.reshape(b, n, t, -1)[:, 0]  # first window, after the final LayerNorm
     eos = first_eos_index(flat.reshape(b, n, t)[:, 0])
     pooled = final[torch.arange(b, device=final.device), eos]
-    return hidden, te2.text_projection(pooled)
+    return hidden, _inner(te2).text_projection(pooled)
 
 
 @dataclass

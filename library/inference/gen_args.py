@@ -5,7 +5,7 @@ before anything heavy is loaded. :func:`plan_jobs` turns prompts (with their inl
 one :class:`ImageJob` per image, with seeds and dynamic prompts resolved, and :func:`batches`
 groups consecutive jobs that can share a U-Net batch. Only plain values leave this module.
 
-sd-scripts options that this generator does not implement (regional LoRA, CLIP guidance, ...) are
+sd-scripts options that this generator does not implement (regional LoRA, CLIP guidance, full ControlNet, ...) are
 still recognised, so a command line using them stops with a one-line error saying so instead of an
 argparse "unrecognized arguments". img2img, inpainting, the highres fix, Deep Shrink, Gradual Latent
 and the console-log options live in :mod:`library.inference.gen_features`.
@@ -33,9 +33,7 @@ MAX_SEED = 0x7FFFFFFF
 UNSUPPORTED = (
     ("clip_vision_strength", "CLIP-vision img2img: needs the CLIP-ViT-bigG vision model"),
     ("clip_guidance_scale", "CLIP guidance"), ("clip_image_guidance_scale", "CLIP image guidance"),
-    ("vgg16_guidance_scale", "VGG16 guidance"), ("guide_image_path", "guide images"),
-    ("control_net_lllite_models", "ControlNet-LLLite"), ("control_net_models", "ControlNet"),
-    ("control_net_multipliers", "ControlNet"), ("control_net_ratios", "ControlNet"),
+    ("vgg16_guidance_scale", "VGG16 guidance"), ("control_net_models", "ControlNet"),
     ("network_regional_mask_max_color_codes", "regional LoRA"),
 )
 
@@ -122,6 +120,19 @@ def _add_networks(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_pre_calc", action="store_true", help="accepted; networks are applied on the fly")
 
 
+def _add_control(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ControlNet-LLLite")
+    g.add_argument("--control_net_lllite_models", type=str, nargs="*", default=None,
+                   help="ControlNet-LLLite files (sd-scripts / ComfyUI layout); all use the same guide image")
+    g.add_argument("--guide_image_path", type=str, nargs="*", default=None,
+                   help="guide image(s), used in turn by the generated images (a prompt's --cn overrides); "
+                        "resized to the output size, no preprocessing")
+    g.add_argument("--control_net_multipliers", type=float, nargs="*", default=None,
+                   help="strength per LLLite model (default 1.0; the last value repeats)")
+    g.add_argument("--control_net_ratios", type=float, nargs="*", default=None,
+                   help="fraction of the steps (from the first) that use each LLLite model (default 1.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdxl_gen_img.py`` argument parser (sd-scripts option names and defaults)."""
     p = argparse.ArgumentParser(prog="sdxl_gen_img.py", description="SDXL text-to-image generation")
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     from library.inference.gen_features import add_feature_arguments
 
     add_feature_arguments(p)
+    _add_control(p)
     g = p.add_argument_group("recognised sd-scripts options that are not supported (an error if given)")
     for name, what in UNSUPPORTED:
         g.add_argument(f"--{name}", nargs="*", default=None, help=f"not supported ({what})")
@@ -182,12 +194,28 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.network_mul and len(args.network_mul) > len(args.network_weights or []):
         raise UserError(f"--network_mul has {len(args.network_mul)} values for "
                         f"{len(args.network_weights or [])} --network_weights files")
+    _validate_control(args)
     if args.vae_batch_size is not None and args.vae_batch_size <= 0:
         raise UserError("--vae_batch_size must be positive")
     if args.clip_skip is not None:
         logger.warning("--clip_skip is ignored: SDXL always uses the penultimate text-encoder layers")
     if args.vae_slices is not None:
         logger.warning("--vae_slices is ignored; use --vae_batch_size to lower VAE memory")
+
+
+def _validate_control(args: argparse.Namespace) -> None:
+    """ControlNet-LLLite options: files exist, one multiplier/ratio per model at most, ratios in (0, 1]."""
+    from library.inference.control import check_ratios
+
+    models = args.control_net_lllite_models or []
+    for file in models + (args.guide_image_path or []):
+        if not Path(file).is_file():
+            raise UserError(f"{file} not found (--control_net_lllite_models / --guide_image_path)")
+    if not models and (args.guide_image_path or args.control_net_multipliers or args.control_net_ratios):
+        raise UserError("--guide_image_path / --control_net_multipliers / --control_net_ratios need "
+                        "--control_net_lllite_models")
+    check_ratios(args.control_net_multipliers, len(models), "control_net_multipliers")
+    check_ratios(args.control_net_ratios, len(models), "control_net_ratios")
 
 
 def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[PromptSpec]:

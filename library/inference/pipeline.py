@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
-from library.inference.weighting import count_windows, encode_weighted_prompt
+from library.text.weighting import count_windows, encode_weighted_prompt
 from library.models.atomic import atomic_path
 from library.models.sdxl import VAE_SCALE_FACTOR
 

@@ -73,3 +73,16 @@ def atomic_path(target: str | os.PathLike, size_hint: int | None = None) -> Iter
         if isinstance(exc, Exception) and is_no_space(exc):
             raise no_space_error(target, size_hint, exc) from None
         raise
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` in place of ``target`` (renames; the old one is removed after).
+
+    ``target`` is never missing for longer than between two renames, and never half-written.
+    """
+    old = target.with_name(target.name + ".tmp-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from library.errors import UserError
 from library.models import convert_keys as ck
 from library.models import sdxl
-from library.models.atomic import atomic_path
+from library.models.atomic import atomic_path, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def save_diffusers_folder(models: sdxl.SDXLModels, path: str | os.PathLike, save
             pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
         else:
             _save_pipe_cast(pipe, tmp, dtype, safe_serialization)
-        _replace_dir(tmp, root)
+        replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -401,15 +401,6 @@ def _save_pipe_cast(pipe, tmp: Path, dtype: torch.dtype, safe_serialization: boo
     pipe.tokenizer.save_pretrained(tmp / "tokenizer")
     pipe.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
     pipe.scheduler.save_pretrained(tmp / "scheduler")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".tmp-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ def build_data(ns: Any, cfg: TrainConfig, allowed_kinds=None, configs=None):
     return build_dataset_group(values, allowed_kinds=allowed_kinds, configs=configs)
 
 
-def make_sampler_callback(ns: Any) -> Callable | None:
-    """The sample-image callback when --sample_prompts is given (None otherwise)."""
+def make_sampler_callback(ns: Any, prompt_context: Callable | None = None) -> Callable | None:
+    """The sample-image callback when --sample_prompts is given (None otherwise).
+
+    ``prompt_context``: the method's per-prompt context (see ``sampling.sample_images``)."""
     if not getattr(ns, "sample_prompts", None):
         return None
     from library.training.sampling import SampleOptions, sample_images
@@ -44,7 +46,7 @@ def make_sampler_callback(ns: Any) -> Callable | None:
     opts = SampleOptions(prompts_file=ns.sample_prompts, sampler=ns.sample_sampler, output_name=ns.output_name)
 
     def callback(run, epoch: int, step: int) -> None:
-        sample_images(run, opts, epoch=epoch, step=step)
+        sample_images(run, opts, epoch=epoch, step=step, prompt_context=prompt_context)
     return callback
 
 
@@ -60,30 +62,36 @@ def preflight_options(ns: Any):
                             resume=getattr(ns, "resume", None))
 
 
-def train_main(script: str, description: str, make_method: Callable[[Any, TrainConfig], Any], argv=None) -> None:
+def train_main(script: str, description: str, make_method: Callable[[Any, TrainConfig], Any], argv=None,
+               allowed_kinds=None) -> None:
     """The whole of a trainer script: parse (with --config_file), check, scan data, build the method, train.
 
     ``script`` is the option set ("train", "train_network", ...); ``make_method(ns, cfg)`` turns the
-    parsed options into the training method.
+    parsed options into the training method; ``allowed_kinds`` limits the dataset kinds
+    ("dreambooth", "finetune", "controlnet").
     """
     from library.config.args import build_trainer_parser, parse_args_with_config
     from library.config.dataset_cli import dataset_configs_from_values
     from library.config.schema import validate_training_args
-    from library.training.preflight import run_preflight
+    from library.training.preflight import prepare_outputs, run_preflight
 
     # Everything up to here imports no torch/diffusers, so --help and option/config errors are quick.
     parser = build_trainer_parser(script, description=description)
     ns = parse_args_with_config(parser, argv)
     configure_logging(ns)
     validate_training_args(ns, script)
-    lock = run_preflight(preflight_options(ns))  # folders, lock, sample prompts, --resume: before loading
+    run_preflight(preflight_options(ns))  # --resume, sample prompts, output folders: checked, nothing written
     cfg = TrainConfig.from_namespace(ns)
     configs = dataset_configs_from_values(dict(vars(ns)))
     from library.training.setup import run_training  # the heavy imports start here
 
+    data = build_data(ns, cfg, allowed_kinds, configs=configs)  # scans every image before any model loads
+    method = make_method(ns, cfg)
+    if hasattr(method, "check_data"):  # checks that need the scanned dataset, still before any model loads
+        method.check_data(data)
+    lock = prepare_outputs(preflight_options(ns))  # every input checked: create, lock, clear leftovers
     try:
-        data = build_data(ns, cfg, configs=configs)  # scans every image before any model loads
-        path = run_training(cfg, data, make_method(ns, cfg), make_sampler_callback(ns))
+        path = run_training(cfg, data, method, make_sampler_callback(ns, getattr(method, "sample_context", None)))
     finally:
         if lock is not None:
             lock.release()

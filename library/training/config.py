@@ -37,6 +37,19 @@ class TrainConfig:
     dynamo_fullgraph: bool = False
     dynamo_dynamic: bool = False
     fused_backward_pass: bool = False
+    # several processes (library.training.distributed)
+    ddp_timeout: Optional[int] = None
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
+    deepspeed: bool = False
+    zero_stage: int = 2
+    offload_optimizer_device: Optional[str] = None
+    offload_optimizer_nvme_path: Optional[str] = None
+    offload_param_device: Optional[str] = None
+    offload_param_nvme_path: Optional[str] = None
+    zero3_init_flag: bool = False
+    zero3_save_16bit_model: bool = False
+    fp16_master_weights_and_gradients: bool = False
     # noise / loss
     min_timestep: int = 0
     max_timestep: int = 1000

@@ -80,6 +80,7 @@ class FineTuneMethod:
     """Trains the U-Net (learning rate 0 freezes it) and, with ``--train_text_encoder``, the text encoders."""
 
     kind = "checkpoint"
+    forwards_through_prepared = True  # the step calls the prepared U-Net / text encoders: DDP can wrap them
 
     def __init__(self, opts: FineTuneOptions, learning_rate: float):
         self.opts = opts
@@ -185,6 +186,14 @@ class FineTuneMethod:
         unwrap = run.accelerator.unwrap_model
         pick = {name: run.originals.get(name, getattr(m, name))
                 for name in ("unet", "vae", "text_encoder1", "text_encoder2")}
+        if run.gathered is not None:  # FSDP / ZeRO-3: the modules hold shards; save the gathered full weights
+            from library.training.distributed import materialize
+
+            names = (["unet"] if self.trains_unet else []) + [
+                name for name, lr in zip(("text_encoder1", "text_encoder2"), self.lr_te)
+                if self.opts.train_text_encoder and lr > 0]
+            for name, state in zip(names, run.gathered):
+                pick[name] = materialize(unwrap(pick[name]), state)
         return SDXLModels(unwrap(pick["unet"]), pick["vae"], unwrap(pick["text_encoder1"]),
                           unwrap(pick["text_encoder2"]), extras=m.extras, metadata=m.metadata, source=m.source)
 

@@ -34,7 +34,6 @@ def check_fused_backward(
     optimizer_type: str | None,
     gradient_accumulation_steps: int = 1,
     mixed_precision: str = "no",
-    num_processes: int = 1,
     option: str = "--fused_backward_pass",
 ) -> None:
     """Raise :class:`UserError` when ``option`` (``--fused_backward_pass`` or
@@ -46,8 +45,6 @@ def check_fused_backward(
         raise UserError(f"{option} needs --gradient_accumulation_steps 1")
     if mixed_precision == "fp16":
         raise UserError(f"{option} cannot unscale fp16 gradients; use --mixed_precision bf16 or no")
-    if num_processes > 1:
-        raise UserError(f"{option} steps before gradients are averaged across GPUs; train on one GPU")
 
 
 def _default_factory(optimizer: torch.optim.Optimizer) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
@@ -76,7 +73,11 @@ class FusedBackward:
     The per-parameter optimizers share ``optimizer.state``, so ``optimizer.state_dict()`` (and
     ``accelerate.save_state``) save and load the full state; a scheduler built on ``optimizer``
     drives every per-parameter lr. Call ``loss.backward()`` only — never ``optimizer.step()`` —
-    and :meth:`remove` to detach. One process, gradient accumulation 1 (see :func:`check_fused_backward`).
+    and :meth:`remove` to detach. Gradient accumulation 1 (see :func:`check_fused_backward`).
+
+    ``grad_reduce(param)``, when given, runs first in each hook: with several processes it averages
+    ``param.grad`` over them (:func:`library.training.distributed.average_grad`), so every process
+    steps with the same gradient, as DDP would give it.
     """
 
     def __init__(
@@ -84,8 +85,10 @@ class FusedBackward:
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
+        grad_reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.optimizer = _unwrap(optimizer)
+        self.grad_reduce = grad_reduce
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         factory = optimizer_factory or _default_factory(self.optimizer)
         self.param_optimizers: list[torch.optim.Optimizer] = []
@@ -103,12 +106,14 @@ class FusedBackward:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(sub, index)))
 
     def _make_hook(self, sub: torch.optim.Optimizer, group_index: int) -> Callable[[torch.Tensor], None]:
-        master, clip = self.optimizer, self.max_grad_norm
+        master, clip, reduce = self.optimizer, self.max_grad_norm, self.grad_reduce
         sub_group = sub.param_groups[0]
 
         def hook(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
+            if reduce is not None:
+                reduce(param)
             if sub.state is not master.state:  # master.load_state_dict() replaced it
                 sub.state = master.state
             sub_group["lr"] = master.param_groups[group_index]["lr"]
@@ -140,6 +145,7 @@ class FusedBackward:
         self._handles.clear()
 
 
-def fused_backward_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> FusedBackward:
+def fused_backward_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
+                        grad_reduce: Callable[[torch.Tensor], None] | None = None) -> FusedBackward:
     """Install the fused backward pass on ``optimizer`` (see :class:`FusedBackward`) and return it."""
-    return FusedBackward(optimizer, max_grad_norm=max_grad_norm)
+    return FusedBackward(optimizer, max_grad_norm=max_grad_norm, grad_reduce=grad_reduce)

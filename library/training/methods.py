@@ -73,6 +73,10 @@ def common_metadata(run: TrainingRun, kind: str, epoch: int, step: int) -> dict[
         "ss_bucket_info": json.dumps(data.bucket_info(), ensure_ascii=False),
     }
     meta.update(validation_metadata(cfg, data))
+    from library.training.distributed import batch_metadata  # sd-scripts' batch keys, for N processes
+
+    meta.update(batch_metadata([ds.batch_size for ds in getattr(data, "configs", ())], len(data),
+                               run.accelerator.num_processes, cfg.gradient_accumulation_steps))
     res = data.resolution if hasattr(data, "resolution") else (1024, 1024)
     meta.update(modelspec_metadata(title=cfg.metadata.get("title") or cfg.output_name or "sdxl", kind=kind,
                                    resolution=tuple(res), v_parameterization=cfg.v_parameterization,

@@ -5,8 +5,8 @@
   final save because ``--output_dir`` is read-only or names an existing file.
 * :class:`OutputLock`: a lock file held while a run writes to an output folder; a second run
   writing to the same folder at the same time stops with one line. The lock is an ``flock`` on
-  ``.sdxl_trainer.lock``, so the kernel releases it when the holder dies (kill -9 included) and a
-  stale file never blocks a later run.
+  ``.sdxl_trainer.lock`` (removed at the end of the run), so the kernel releases it when the holder
+  dies (kill -9 included) and a stale file never blocks a later run.
 * :func:`remove_orphaned_temp_files`: our own temporary files and folders left behind by a killed
   save are removed at the next start in that folder, while the lock is held (so they cannot belong
   to a run that is still writing). Only names that match our temp-name patterns exactly are
@@ -111,10 +111,11 @@ class OutputLock:
         return self
 
     def release(self) -> None:
-        """Give the lock back (the file stays; an unlocked file means nothing)."""
+        """Give the lock back and remove the lock file (a leftover file, e.g. after a kill, is unlocked
+        and means nothing: the next run takes it)."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+                self.path.unlink()  # still holding the lock, so no other run is between open and flock
             os.close(self._fd)
             self._fd = None
 

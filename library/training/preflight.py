@@ -1,9 +1,13 @@
 """Checks a trainer runs after parsing and before loading any model or data.
 
-Everything that would otherwise fail after hours of training is looked at here: the folders the
-run writes to (created, writable, locked against a second run, cleared of our leftover
-temporaries), the ``--sample_prompts`` file (parsed and validated now, not at the first sample),
-and the ``--resume`` folder (complete and ours).
+Everything that would otherwise fail after hours of training is looked at here, in two stages.
+:func:`run_preflight` writes nothing and runs before the dataset scan: the ``--resume`` folder
+(complete and ours), the ``--sample_prompts`` file (parsed and validated now, not at the first
+sample) and whether the output and logging folders can be created and written; in an existing output
+folder it also removes the leftovers of an interrupted save (under the folder's lock, so never those of
+a run still writing there).
+:func:`prepare_outputs` runs once every input has been checked: it creates the folders, locks the
+output folder against a second run and clears our leftover temporaries.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from library.errors import UserError
-from library.training.output_dir import OutputLock, check_writable_dir, prepare_output_dirs
+from library.training.output_dir import (OutputLock, check_writable_dir, is_main_launch_process, prepare_output_dirs,
+                                         remove_orphaned_temp_files)
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +48,9 @@ def check_sample_prompts(path: str, default_sampler: str) -> int:
     return len(specs)
 
 
-def run_preflight(opts: PreflightOptions) -> Optional[OutputLock]:
-    """Run every check; returns the output-folder lock the caller keeps for the whole run."""
+def run_preflight(opts: PreflightOptions) -> None:
+    """Every check that writes nothing: ``--resume``, ``--sample_prompts`` and whether the output and
+    logging folders can be created and written. Runs before the dataset scan."""
     if opts.resume:
         from library.training.state_io import check_pickles, read_marker
 
@@ -56,6 +62,19 @@ def run_preflight(opts: PreflightOptions) -> Optional[OutputLock]:
             logger.warning("--sample_prompts is given but no --sample_every_n_steps/epochs or --sample_at_first: "
                            "no samples will be made")
         logger.info("sample prompts: %d prompt(s) in %s", n, opts.sample_prompts)
+    if not opts.output_dir:
+        raise UserError("--output_dir is required: the folder the trained model is saved to")
+    out = check_writable_dir(opts.output_dir, "--output_dir", create=False)
+    if opts.logging_dir:
+        check_writable_dir(opts.logging_dir, "--logging_dir", create=False)
+    if out.is_dir() and is_main_launch_process():
+        with OutputLock(out):  # a run writing there now stops this one here, before the scan
+            remove_orphaned_temp_files(out)  # leftovers of an interrupted save, even if this start fails later
+
+
+def prepare_outputs(opts: PreflightOptions) -> Optional[OutputLock]:
+    """Create the folders, lock the output folder and clear our leftovers (after every input check);
+    returns the lock the caller holds for the whole run."""
     lock = prepare_output_dirs(opts.output_dir, opts.logging_dir)
     if opts.sample_prompts:
         check_writable_dir(Path(opts.output_dir) / "sample", "the sample folder")

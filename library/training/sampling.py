@@ -12,7 +12,7 @@ import datetime as _dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -57,8 +57,13 @@ def sample_file_name(output_name: str | None, epoch: int, step: int, index: int,
     return f"{output_name or 'sample'}_{counter}_{index:02d}_{stamp}{suffix}.png"
 
 
-def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int) -> list[Path]:
-    """Generate every prompt of the prompt file with the model as it is now; returns the files."""
+def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int,
+                  prompt_context: Callable[..., ContextManager] | None = None) -> list[Path]:
+    """Generate every prompt of the prompt file with the model as it is now; returns the files.
+
+    ``prompt_context(spec, width, height)``, when given, is entered around each image (e.g.
+    ControlNet-LLLite embedding the prompt's ``--cn`` image).
+    """
     models, device = run.models, run.device
     specs = load_prompt_file(opts.prompts_file)
     out_dir = Path(run.cfg.output_dir) / "sample"
@@ -68,6 +73,7 @@ def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int) 
                               [run.conditioner.tokenizer1, run.conditioner.tokenizer2], dtype=unet_dtype,
                               vae_dtype=next(models.vae.parameters()).dtype, device=device,
                               v_parameterization=run.cfg.v_parameterization, place_models=False)
+    generator.token_replacements.update(run.prompt_replacements)  # e.g. a TI token -> its N tokens
     by_epoch = bool(run.cfg.sample_every_n_epochs)
     written = []
     rng_state = torch.get_rng_state()
@@ -75,7 +81,8 @@ def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int) 
         for index, raw in enumerate(specs):
             spec = raw.with_defaults(width=opts.default_size, height=opts.default_size, sampler=opts.sampler)
             seed = spec.seed if spec.seed is not None else index
-            with run.accelerator.autocast():
+            around = prompt_context(spec, spec.width, spec.height) if prompt_context else contextlib.nullcontext()
+            with run.accelerator.autocast(), around:
                 image = generator.generate(
                     [spec.prompt], [spec.negative_prompt or ""], width=spec.width, height=spec.height,
                     steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler, seeds=[seed],

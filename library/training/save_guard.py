@@ -46,6 +46,6 @@ def broken_weights_error(step: int, last_good: Path | None, cause: str | None = 
     """The one-line message when a run stops: what happened and which file is the last good save."""
     cause = cause or f"the trained weights became NaN/inf or exploded (|w| > {MAX_ABS_WEIGHT:g})"
     kept = (f"the last good save is {last_good}" if last_good is not None
-            else "no save had been written yet")
+            else "this run had written no save yet")
     return UserError(f"{cause} by step {step}; training stopped without writing or rotating saves and {kept} "
                      "(try a lower learning rate, --max_grad_norm, --no_half_vae or bf16)")

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from library.data.cachers import LatentCacheOptions, TextEncoderCacheOptions, module_fingerprint
+from library.data.cachers import (LatentCacheOptions, TextEncoderCacheOptions, module_fingerprint,
+                                  sample_posterior_per_image)
 from library.diffusion.conditioning import TextConditioner
 from library.models.checkpoint_io import load_sdxl
 from library.models.sdxl import SDXLModels
@@ -38,7 +39,7 @@ def text_encoder_fn(cfg: TrainConfig, conditioner: TextConditioner) -> Callable[
     """captions -> (context, pooled) with or without A1111 weights (``--weighted_captions``)."""
     if not cfg.weighted_captions:
         return conditioner.encode
-    from library.inference.weighting import encode_weighted_prompt
+    from library.text.weighting import encode_weighted_prompt
 
     def encode(captions: Sequence[str]):
         return encode_weighted_prompt((conditioner.tokenizer1, conditioner.tokenizer2),
@@ -76,8 +77,9 @@ def fill_caches(run: TrainingRun, encode_text: Callable) -> None:
         vae = working_copy(models.vae, device, vae_dtype)
 
         @torch.no_grad()
-        def encode_images(images: torch.Tensor) -> torch.Tensor:
-            return vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
+        def encode_images(images: torch.Tensor) -> torch.Tensor:  # the same latents whichever process encodes
+            posterior = vae.encode(images.to(device, vae_dtype)).latent_dist
+            return sample_posterior_per_image(posterior, images, cfg.seed or 0).cpu()
 
         opts = LatentCacheOptions(vae_dtype=str(vae_dtype).replace("torch.", ""), vae_batch_size=cfg.vae_batch_size,
                                   to_disk=cfg.cache_latents_to_disk, skip_cache_check=cfg.skip_cache_check,
@@ -173,6 +175,10 @@ def run_training(cfg: TrainConfig, data, method, sampler: Callable | None = None
     from library.training.methods import apply_fp8
     from library.training.trainer import Trainer
 
+    from library.training.distributed import check_options
+
+    check_options(cfg.deepspeed, cfg.fused_backward_pass, method.kind,  # before any model loads
+                  ema=bool(getattr(getattr(method, "opts", None), "ema", False)))
     run = create_run(cfg, data)
     fill_caches(run, run.encode_text)
     place_frozen_models(run, method.unet_weights_trained, method.text_encoder_weights_trained,

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.models.atomic import is_no_space, no_space_error
+from library.models.atomic import is_no_space, no_space_error, replace_dir
 from library.training.checkpointing import TrainProgress, write_train_state
 
 logger = logging.getLogger(__name__)
@@ -119,15 +119,6 @@ def load_object_state(path: Path) -> dict:
 # --- saving ------------------------------------------------------------------------------------------
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".tmp-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_json(path: Path, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
@@ -153,7 +144,7 @@ def save_state(accelerator, target: Path, progress: TrainProgress) -> Path:
             _write_json(tmp / MARKER_FILE, {"format": STATE_FORMAT, "version": STATE_VERSION,
                                             "progress": progress.state_dict(), "custom_objects": len(objects),
                                             "files": files})
-            _replace_dir(tmp, target)
+            replace_dir(tmp, target)
     except Exception as exc:
         if not is_no_space(exc):
             raise

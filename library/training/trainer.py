@@ -26,6 +26,7 @@ from library.errors import UserError
 from library.models.sdxl import VAE_SCALE_FACTOR, SDXLModels
 from library.training import checkpointing as ckpt
 from library.training import save_guard, state_io
+from library.training import distributed
 from library.training.config import TrainConfig
 from library.training.fused_backward import check_fused_backward, fused_backward_step
 from library.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, parse_scheduler_args
@@ -72,6 +73,8 @@ class TrainingRun:
     started_at: float = 0.0
     encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None  # captions -> (context, pooled)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)  # untouched frozen modules, for saving
+    prompt_replacements: dict[str, str] = field(default_factory=dict)  # sample prompts: word -> text (TI tokens)
+    gathered: list[dict] | None = None  # FSDP/ZeRO-3: full state dicts of the trained modules, while saving
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +90,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         raise UserError("--log_with tensorboard needs --logging_dir")
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
-                      log_with=log_with, project_dir=cfg.logging_dir)
+                      log_with=log_with, project_dir=cfg.logging_dir, **distributed.accelerator_kwargs(cfg))
     check_mixed_precision_device(cfg.mixed_precision, acc.device.type)  # before any model loads
     return acc
 
@@ -125,29 +128,35 @@ class Trainer:
         if cfg.max_train_epochs:
             self.max_steps = cfg.max_train_epochs * updates_per_epoch
         self.lr_scheduler = build_lr_scheduler(
-            cfg.lr_scheduler, self.optimizer, self.max_steps * acc.num_processes, cfg.lr_warmup_steps,
+            cfg.lr_scheduler, self.optimizer, self.max_steps * distributed.scheduler_steps_per_update(acc),
+            cfg.lr_warmup_steps,
             cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power, parse_scheduler_args(list(cfg.lr_scheduler_args)),
             cfg.lr_scheduler_type, num_decay_steps=cfg.lr_decay_steps, timescale=cfg.lr_scheduler_timescale,
             min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
         modules = self.method.trained_modules()
-        prepared = acc.prepare(*modules, self.optimizer, self.loader, self.lr_scheduler)
-        self.method.set_prepared(list(prepared[:len(modules)]))
-        self.optimizer, self.loader, self.lr_scheduler = prepared[len(modules):]
-        self.trained = list(prepared[:len(modules)])
+        # DDP/FSDP/DeepSpeed wrappers, or unwrapped modules whose gradients the loop averages (see distributed)
+        self.trained, self.optimizer, self.loader, self.lr_scheduler, self.average_gradients, self.wrapped = \
+            distributed.prepare(acc, self.method, modules, self.optimizer, self.loader, self.lr_scheduler,
+                                fused=cfg.fused_backward_pass)
+        self.method.set_prepared(list(self.trained))
         self.trained_params = [q for g in self.optimizer.param_groups for q in g["params"]]
         if cfg.full_fp16:
             allow_fp16_gradients(acc)  # fp16 weights: the GradScaler must unscale fp16 gradients
         self.fused = None
         if cfg.fused_backward_pass:
-            check_fused_backward(cfg.optimizer_type, cfg.gradient_accumulation_steps, cfg.mixed_precision,
-                                 acc.num_processes)
+            check_fused_backward(cfg.optimizer_type, cfg.gradient_accumulation_steps, cfg.mixed_precision)
             self.fused = fused_backward_step(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
-                                             else self.optimizer, cfg.max_grad_norm or None)
+                                             else self.optimizer, cfg.max_grad_norm or None,
+                                             grad_reduce=distributed.average_grad if acc.num_processes > 1 else None)
         elif cfg.fused_optimizer_groups:
             from library.training.fused_groups import fused_optimizer_groups
             check_fused_backward(cfg.optimizer_type, cfg.gradient_accumulation_steps, cfg.mixed_precision,
-                                 acc.num_processes, option="--fused_optimizer_groups")
+                                 option="--fused_optimizer_groups")
+            if acc.num_processes > 1:
+                raise UserError("--fused_optimizer_groups steps before gradients are averaged across GPUs; "
+                                "use --fused_backward_pass on several GPUs")
             self.fused = fused_optimizer_groups(self.optimizer, cfg.fused_optimizer_groups, cfg.max_grad_norm or None)
+        self.weight_hashes = distributed.WeightHashLog(acc.process_index)
         run.progress = ckpt.TrainProgress()
         self.rng = ckpt.NoiseRNG(cfg.seed if cfg.seed is not None else 0, acc.device)
         self.num_epochs = math.ceil(self.max_steps / max(updates_per_epoch, 1))
@@ -191,8 +200,8 @@ class Trainer:
         else:
             vae = self.run.models.vae
             with torch.no_grad():
-                dist = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist
-                latents = dist.sample(generator=generator).float()
+                posterior = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist
+                latents = posterior.sample(generator=generator if generator is not None else self.rng.generator).float()
             latents = torch.nan_to_num(latents)
         return latents.to(self.run.device, self.run.weight_dtype) * VAE_SCALE_FACTOR
 
@@ -248,6 +257,8 @@ class Trainer:
             loss = self.loss_of(batch)
             acc.backward(loss)
             if self.fused is None:
+                if acc.sync_gradients and self.average_gradients is not None:
+                    self.average_gradients()
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
                 self.optimizer.step()
@@ -281,6 +292,10 @@ class Trainer:
                 module.train()
             for batch in loader:
                 run.data.set_current_step(p.global_step)
+                # noise follows the batch's place in the epoch, not the process that trains it
+                self.rng.generator.manual_seed(distributed.noise_seed(
+                    cfg.seed or 0, p.epoch, distributed.batch_index(p.step_in_epoch, acc.process_index,
+                                                                    acc.num_processes)))
                 loss = self.step(batch)
                 p.step_in_epoch += 1
                 loss_sum += loss.detach()
@@ -290,6 +305,7 @@ class Trainer:
                     continue
                 self.method.after_optimizer_step(run)
                 p.global_step += 1
+                self.weight_hashes(p.global_step, self.trained_params)
                 bar.update(1)
                 if p.global_step % cfg.log_every_n_steps == 0 or p.global_step >= self.max_steps:
                     self._log(bar, loss_sum, loss_count)
@@ -312,7 +328,7 @@ class Trainer:
 
     def _log(self, bar, loss_sum: torch.Tensor, count: int) -> None:
         """Read the device-side loss sum (the only host sync), show it, and stop on NaN/inf."""
-        avg = (loss_sum / max(count, 1)).item()
+        avg = self.run.accelerator.reduce(loss_sum / max(count, 1), reduction="mean").item()  # over processes
         if not math.isfinite(avg):
             raise self._stopping(save_guard.broken_weights_error(self.run.progress.global_step, self.last_good_save,
                                                                  f"the loss became {avg}"))
@@ -327,11 +343,17 @@ class Trainer:
     def _save(self, stem: str, epoch: int, step: int) -> Path | None:
         acc = self.run.accelerator
         acc.wait_for_everyone()
+        if distributed.is_sharded(acc):  # a collective: every process helps gather the full weights
+            self.run.gathered = distributed.gather_trained(acc, self.wrapped, self.trained)
         path = None
-        if acc.is_main_process:
-            path = self.method.save(self.run, stem, epoch, step)
-            logger.info("saved %s", path)
-            self.last_good_save = path
+        try:
+            if acc.is_main_process:
+                path = self.method.save(self.run, stem, epoch, step)
+                logger.info("saved %s", path)
+                self.last_good_save = path
+        finally:
+            self.run.gathered = None
+        acc.wait_for_everyone()
         return path
 
     def _check_weights(self) -> None:

@@ -1,6 +1,6 @@
 """Reliability and safety (issue 16), driven the way users drive the scripts.
 
-One shared trained run (latents cached ahead by tools/cache_latents.py, options from a config file
+One shared trained run (latents and text-encoder outputs cached ahead by the tools, options from a config file
 with a UTF-8 BOM, step saves with states) serves several checks; the others are short runs that
 stop before any model loads, plus one diverging run and one killed run.
 """
@@ -73,12 +73,20 @@ def shared(tiny_model_dir, tmp_path_factory):
     data = root / "train"
     shutil.copytree(tiny_model_dir / "train", data)
     ckpt = tiny_model_dir / "tiny_sdxl.safetensors"
-    r = run_script([sys.executable, "tools/cache_latents.py", "--pretrained_model_name_or_path", str(ckpt),
-                    "--train_data_dir", str(data), *MODEL_OPTS, "--sdxl"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "8 computed" in r.stdout, r.stdout
-    caches = sorted(data.rglob("*_sdxl.npz"))
-    assert len(caches) == 8
+    import contextlib
+    import io
+
+    from tools import cache_latents, cache_text_encoder_outputs
+
+    tool_args = ["--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data), *MODEL_OPTS,
+                 "--sdxl"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # in process: the trainer below is the real launch
+        cache_latents.main(tool_args)
+        cache_text_encoder_outputs.main(tool_args)
+    assert "latents: 8 computed" in printed.getvalue() and "outputs: 8 computed" in printed.getvalue()
+    caches = sorted(data.rglob("*_sdxl.npz")) + sorted(data.rglob("*_te_outputs.npz"))
+    assert len(caches) == 16
     mtimes = {p: p.stat().st_mtime_ns for p in caches}
     out = root / "out"
     config = root / "config.toml"
@@ -88,15 +96,17 @@ def shared(tiny_model_dir, tmp_path_factory):
     args = [a for a in lora_args(ckpt, data, out, 4) if a != "--cache_latents"]
     i = args.index("--pretrained_model_name_or_path")
     del args[i:i + 2]
+    args[args.index("--cache_text_encoder_outputs")] = "--cache_text_encoder_outputs_to_disk"
     r = run_script([sys.executable, *args, "--cache_latents_to_disk", "--config_file", str(config)])
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "data": data, "ckpt": ckpt, "out": out, "log": r.stderr, "caches": mtimes}
 
 
 def test_tool_cache_reused_and_bom_config(shared):
-    """Items 12 and 13: the trainer reuses every latent the tool cached (no file rewritten) and the config
-    file with a byte-order mark was read (its save options took effect)."""
+    """Items 12 and 13: the trainer reuses every latent and text-encoder output the tools cached (no file
+    rewritten) and the config file with a byte-order mark was read (its save options took effect)."""
     assert "latents: 0 computed, 8 reused" in shared["log"], shared["log"][-3000:]
+    assert "text-encoder outputs: 0 computed, 8 reused" in shared["log"], shared["log"][-3000:]
     for path, mtime in shared["caches"].items():
         assert path.stat().st_mtime_ns == mtime, path
     out = shared["out"]

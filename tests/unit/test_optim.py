@@ -428,7 +428,7 @@ def test_fused_backward_support_and_checks():
         assert FB.optimizer_supports_fused_backward(name), name
     for name in ["Prodigy", "DAdaptAdam", "dadaptation", "AdamWScheduleFree", "some.pkg.ProdigyPlus"]:
         assert not FB.optimizer_supports_fused_backward(name), name
-    FB.check_fused_backward("Adafactor", 1, "bf16", 1)
+    FB.check_fused_backward("Adafactor", 1, "bf16")
     with pytest.raises(UserError, match="gradient_accumulation_steps"):
         FB.check_fused_backward("Adafactor", 4)
     with pytest.raises(UserError, match="Prodigy"):

@@ -19,7 +19,7 @@ from library.errors import UserError
 from library.inference import gen_args as ga
 from library.inference import pipeline as pl
 from library.inference.prompts import PromptSpec
-from library.inference.weighting import apply_token_weights, encode_weighted_prompt
+from library.text.weighting import apply_token_weights, encode_weighted_prompt
 
 ORACLE_TOL = 1e-4
 SIZE = 64

@@ -18,14 +18,8 @@ from library.inference.png_metadata import (
     read_png_text,
 )
 from library.inference.dynamic_prompts import expand_dynamic_prompts
-from library.inference.prompts import (
-    BREAK_WEIGHT,
-    PromptSpec,
-    load_prompt_file,
-    parse_prompt_attention,
-    parse_prompt_line,
-    tokenize_weighted,
-)
+from library.inference.prompts import PromptSpec, load_prompt_file, parse_prompt_line
+from library.text.attention import BREAK_WEIGHT, parse_prompt_attention, tokenize_weighted
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER_DATA = REPO / "library" / "models" / "tokenizers" / "data"

@@ -40,6 +40,7 @@ def test_lock_refuses_a_second_holder_and_is_freed_by_death(tmp_path: Path) -> N
     with od.OutputLock(tmp_path):
         with pytest.raises(UserError, match=rf"in use by another run \(process {os.getpid()}\)"):
             od.OutputLock(tmp_path).acquire()
+    assert not (tmp_path / od.LOCK_NAME).exists()  # a finished run leaves no lock file
     od.OutputLock(tmp_path).acquire().release()  # free again
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
                                "from library.training.output_dir import OutputLock;"
@@ -120,7 +121,7 @@ def test_save_guard() -> None:
     assert not save_guard.weights_are_sound(good + [torch.tensor([2e20])])
     msg = str(save_guard.broken_weights_error(12, Path("out/lora-step00000010.safetensors")))
     assert "step 12" in msg and "out/lora-step00000010.safetensors" in msg and "\n" not in msg
-    assert "no save had been written yet" in str(save_guard.broken_weights_error(3, None))
+    assert "this run had written no save yet" in str(save_guard.broken_weights_error(3, None))
 
 
 # --- disk full ----------------------------------------------------------------------------------------

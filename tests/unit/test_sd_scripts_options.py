@@ -200,6 +200,9 @@ def test_no_option_of_these_is_listed_as_ignored(tmp_path, caplog):
         S.validate_training_args(ns, "train")
     assert "not implemented" not in caplog.text
     assert ns.gradient_checkpointing is True  # offloading what checkpointing keeps needs checkpointing
-    bad = argparse.Namespace(**{**vars(ns), "validate_every_n_steps": 0})
+    bad = argparse.Namespace(**{**vars(ns), "validate_every_n_steps": -1})
     with pytest.raises(UserError, match="validate_every_n_steps"):
         S.validate_training_args(bad, "train")
+    off = argparse.Namespace(**{**vars(ns), "validate_every_n_steps": 0})  # sd-scripts' 0: never
+    S.validate_training_args(off, "train")
+    assert off.validate_every_n_steps is None

@@ -1,6 +1,6 @@
 """Prompt encoding with A1111-style attention weights: ``(word:1.3)``, ``(word)``, ``[word]``, ``BREAK``.
 
-The prompt is split into weighted runs (:func:`library.inference.prompts.parse_prompt_attention`)
+The prompt is split into weighted runs (:func:`library.text.attention.parse_prompt_attention`)
 and tokenised run by run, so every token carries the weight of the run it came from. The token
 ids are laid out exactly as :class:`library.diffusion.conditioning.TextConditioner` lays them out
 (BOS + tokens + EOS + padding, cut into 75-token windows), both text encoders run as usual, and
@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from library.diffusion.conditioning import WINDOW, encode_te1, encode_te2, split_windows
-from library.inference.prompts import tokenize_weighted
+from library.text.attention import tokenize_weighted
 from library.models.sdxl import BOS_TOKEN_ID, EOS_TOKEN_ID
 
 

@@ -1,0 +1,170 @@
+"""Trainers under ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo), against one process.
+
+Three two-process launches in all (each costs two interpreter starts and two model loads):
+LoRA straight, LoRA resumed, full fine-tune. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
+write the hash of its trained weights after every optimizer step, so "identical on both processes
+after every step" is checked step by step, not only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import run_script
+
+pytestmark = pytest.mark.slow
+
+DATA = ["--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+        "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", "--seed", "1", "--train_batch_size", "2",
+        "--log_every_n_steps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(script: str, args: list[str], hash_dir: Path, monkeypatch):
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on the CPU), hashes into ``hash_dir``."""
+    monkeypatch.setenv("SDXL_TRAINER_WEIGHT_HASH_DIR", str(hash_dir))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), script, *args]
+    r = run_script(cmd, timeout=600)
+    monkeypatch.delenv("SDXL_TRAINER_WEIGHT_HASH_DIR")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def run_one(script: str, args: list[str]):
+    r = run_script([sys.executable, script, *args], timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def step_hashes(hash_dir: Path) -> list[list[str]]:
+    """Per process, the ``"<step> <hash>"`` lines it wrote."""
+    return [(hash_dir / f"rank{i}.txt").read_text().split("\n")[:-1] for i in range(2)]
+
+
+def metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def copy_data(tiny_model_dir: Path, dst: Path) -> Path:
+    shutil.copytree(tiny_model_dir / "train", dst)
+    return dst
+
+
+def lora_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(data), *DATA,
+            "--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora",
+            "--network_dim", "4", "--network_alpha", "4", "--network_train_unet_only",
+            "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--learning_rate", "1e-3",
+            "--max_train_steps", "4", "--lr_scheduler", "linear", *extra]
+
+
+def test_lora_two_processes_equal_one_process_and_resume_exactly(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    data1, data2 = copy_data(tiny_model_dir, tmp_path / "d1"), copy_data(tiny_model_dir, tmp_path / "d2")
+    out1, out2, out3 = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    # Two processes x batch 2 = global batch 4. The schedule is max_train_steps x 2 scheduler steps long
+    # and advances twice per optimizer step (sd-scripts' rule): --lr_warmup_steps 2 is one optimizer step.
+    r = launch_two("sdxl_train_network.py", lora_args(tiny_ckpt, data2, out2, "--lr_warmup_steps", "2",
+                                                      "--save_every_n_steps", "2", "--save_state"),
+                   tmp_path / "h2", monkeypatch)
+    run_one("sdxl_train_network.py", lora_args(tiny_ckpt, data1, out1, "--lr_warmup_steps", "1",
+                                               "--gradient_accumulation_steps", "2"))
+
+    # the processes agree after every step
+    rank0, rank1 = step_hashes(tmp_path / "h2")
+    assert rank0 == rank1 and [line.split()[0] for line in rank0] == ["1", "2", "3", "4"]
+    assert len({line.split()[1] for line in rank0}) == 4  # the weights moved (warm-up: lr 0 at step 1)
+    # each process cached its own half: 8 images, 4 + 4 latents and text-encoder outputs
+    logs = r.stdout + r.stderr
+    for what in ("latents", "text-encoder outputs"):
+        counts = sorted(re.findall(rf"{what}: (\d+) computed, (\d+) reused \(process (\d) of 2\)", logs))
+        assert [(c, p) for c, _, p in counts] == [("4", "1"), ("4", "2")], counts
+    # one process wrote the outputs
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "lora.safetensors")]
+    assert sorted(p.name for p in out2.iterdir()) == ["lora-state", "lora-step00000002-state",
+                                                      "lora-step00000002.safetensors", "lora.safetensors"]
+    state_dir = out2 / "lora-step00000002-state"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "train_state.json"} <= {p.name for p in state_dir.iterdir()}
+
+    # the same weights as one process with --gradient_accumulation_steps 2 over the same batches
+    a, b = load_file(out1 / "lora.safetensors"), load_file(out2 / "lora.safetensors")
+    assert a.keys() == b.keys()
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_up" in k) > 1e-3  # trained (lora_up starts at 0)
+    for k in a:  # float tolerance: the TE cache batches differ (8 captions vs 4 per process)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-5, msg=k)
+    m1, m2 = metadata(out1 / "lora.safetensors"), metadata(out2 / "lora.safetensors")
+    assert (m2["ss_batch_size_per_device"], m2["ss_total_batch_size"]) == ("2", "4")
+    assert (m1["ss_batch_size_per_device"], m1["ss_total_batch_size"]) == ("2", "4")
+    assert int(m1["ss_num_batches_per_epoch"]) == 2 * int(m2["ss_num_batches_per_epoch"])  # per process
+
+    # the two-process caches equal the one-process caches (latents bit for bit: noise seeded per image)
+    files1 = sorted(p.relative_to(data1) for p in data1.rglob("*.npz"))
+    assert files1 == sorted(p.relative_to(data2) for p in data2.rglob("*.npz")) and len(files1) == 16
+    for rel in files1:
+        with np.load(data1 / rel) as x, np.load(data2 / rel) as y:
+            assert x.files == y.files
+            for key in x.files:
+                if rel.name.endswith("_sdxl.npz"):
+                    assert np.array_equal(x[key], y[key]), (rel, key)
+                elif x[key].dtype.kind == "f":
+                    np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-5, err_msg=f"{rel} {key}")
+                else:  # the provenance record holds digests of those (float-close) arrays
+                    px, py = json.loads(str(x[key])), json.loads(str(y[key]))
+                    assert {**px, "digests": None} == {**py, "digests": None}, rel
+
+    # resume with two processes from the step-2 state: the same steps 3 and 4, bit for bit
+    launch_two("sdxl_train_network.py", lora_args(tiny_ckpt, data2, out3, "--lr_warmup_steps", "2",
+                                                  "--resume", str(state_dir)), tmp_path / "h3", monkeypatch)
+    r0, r1 = step_hashes(tmp_path / "h3")
+    assert r0 == r1 == rank0[2:]
+    c = load_file(out3 / "lora.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    assert metadata(out3 / "lora.safetensors")["ss_steps"] == "4"
+
+
+def test_full_finetune_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    """sdxl_train.py: the U-Net and both text encoders under DDP, against one process accumulating 2 batches."""
+    data = copy_data(tiny_model_dir, tmp_path / "d")
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir", str(data), *DATA,
+            "--output_name", "ft", "--max_train_steps", "3", "--learning_rate", "1e-4", "--train_text_encoder",
+            "--learning_rate_te1", "1e-5", "--learning_rate_te2", "1e-5", "--optimizer_type", "AdamW"]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    r = launch_two("sdxl_train.py", [*args, "--output_dir", str(out2)], tmp_path / "h", monkeypatch)
+    run_one("sdxl_train.py", [*args, "--output_dir", str(out1), "--gradient_accumulation_steps", "2"])
+    assert "training on 2 process(es), MULTI_CPU (DDP)" in r.stderr
+    rank0, rank1 = step_hashes(tmp_path / "h")
+    assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
+    a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(tiny_ckpt)
+    assert a.keys() == b.keys() == base.keys()
+    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+        keys = [k for k in a if k.startswith(prefix)]
+        assert any(not torch.equal(a[k], base[k]) for k in keys), prefix  # trained
+        for k in keys:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-7, msg=k)
+    meta = metadata(out2 / "ft.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"]) == ("2", "4")
