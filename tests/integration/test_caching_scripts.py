@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +104,8 @@ def test_te_tool_rejects_shuffle_caption_before_loading(tmp_path: Path, data: Pa
     assert lines[-1].startswith("error: --cache_text_encoder_outputs cannot be used with shuffle_caption")
     assert "data.toml" in lines[-1] and "Traceback" not in result.stderr
     assert not list((data / "2_sks shape").glob("*.npz"))
-    missing = run_script([sys.executable, "tools/cache_latents.py", "--pretrained_model_name_or_path",
-                          str(tmp_path / "missing.safetensors"), "--train_data_dir", str(data)], timeout=120)
+    missing = run_main("tools/cache_latents.py", ["--pretrained_model_name_or_path",  # launched for real below
+                       str(tmp_path / "missing.safetensors"), "--train_data_dir", str(data)])
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
         f"error: --pretrained_model_name_or_path: file or folder not found: {tmp_path / 'missing.safetensors'}")
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from library.inference.png_metadata import read_generation_params, read_png_text
+from tests.conftest import run_main
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "sdxl_gen_img.py"
@@ -75,13 +76,12 @@ def test_cli_writes_png_with_round_tripping_metadata(ckpt, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "a cat"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """In-process through run_main (the script's own run_cli wrapper); the test above is the real launch."""
+    result = run_main(SCRIPT.name, ["--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "a cat"])
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --ckpt") and len(result.stderr.strip().splitlines()) == 1
-    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(SCRIPT), "--prompt", "a",
-           "--network_regional_mask_max_color_codes", "3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = run_main(SCRIPT.name, ["--ckpt", str(SCRIPT), "--prompt", "a",
+                                    "--network_regional_mask_max_color_codes", "3"])
     assert result.returncode == 2 and "not supported" in result.stderr
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,8 @@ def launch_two(script: str, args: list[str], hash_dir: Path, monkeypatch):
 
 
 def run_one(script: str, args: list[str]):
-    r = run_script([sys.executable, script, *args], timeout=600)
+    """The one-process reference run, in this process (each script's real launch is elsewhere)."""
+    r = run_main(script, args)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def shared(tiny_model_dir, tmp_path_factory):
     i = args.index("--pretrained_model_name_or_path")
     del args[i:i + 2]
     args[args.index("--cache_text_encoder_outputs")] = "--cache_text_encoder_outputs_to_disk"
-    r = run_script([sys.executable, *args, "--cache_latents_to_disk", "--config_file", str(config)])
+    r = run_main(args[0], [*args[1:], "--cache_latents_to_disk", "--config_file", str(config)])
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "data": data, "ckpt": ckpt, "out": out, "log": r.stderr, "caches": mtimes}
 

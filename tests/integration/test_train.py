@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,10 @@ ADAFACTOR = ["--optimizer_type", "adafactor", "--optimizer_args", "scale_paramet
 CACHED = ["--cache_latents", "--cache_text_encoder_outputs"]
 
 
-def train(ckpt: Path, data: Path, out: Path, *extra: str):
-    r = run_script([sys.executable, "sdxl_train.py", *base_args(ckpt, data, out), *extra])
+def train(ckpt: Path, data: Path, out: Path, *extra: str, launch: bool = False):
+    """Train in this process (``run_main``); ``launch=True``: as a user launches it, ``python sdxl_train.py``."""
+    argv = [*base_args(ckpt, data, out), *extra]
+    r = run_script([sys.executable, "sdxl_train.py", *argv]) if launch else run_main("sdxl_train.py", argv)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -78,7 +80,8 @@ def test_unet_only_adafactor_saves_a_checkpoint_diffusers_reads(tiny_ckpt, tiny_
     from library.models.checkpoint_io import load_sdxl
 
     out = tmp_path / "out"
-    train(tiny_ckpt, dataset, out, *CACHED, *ADAFACTOR, "--learning_rate", "1e-4", "--max_train_steps", "3")
+    train(tiny_ckpt, dataset, out, *CACHED, *ADAFACTOR, "--learning_rate", "1e-4", "--max_train_steps", "3",
+          launch=True)
     path = out / f"{NAME}.safetensors"
     assert path.is_file()
 
@@ -158,10 +161,10 @@ def test_adafactor_config_file_from_the_brief(tiny_ckpt, dataset, tmp_path):
         'lr_scheduler = "constant_with_warmup"\n'
         'lr_warmup_steps = 100\n'
         'learning_rate = 4e-7\n', encoding="utf-8")
-    r = run_script([sys.executable, "sdxl_train.py", "--config_file", str(config),
-                    "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
-                    "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", "--seed", "1", *CACHED,
-                    "--max_train_steps", "2"])
+    r = run_main("sdxl_train.py", ["--config_file", str(config),
+                 "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+                 "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", "--seed", "1", *CACHED,
+                 "--max_train_steps", "2"])
     assert r.returncode == 0, r.stderr[-4000:]
     meta = metadata(out / f"{NAME}.safetensors")
     assert meta["ss_lr_scheduler"] == "constant_with_warmup"
@@ -217,8 +220,8 @@ def test_fused_backward_with_text_encoder_training_and_ema(tiny_ckpt, dataset, t
 
 def test_block_lr_needs_23_values(tiny_ckpt, dataset, tmp_path):
     out = tmp_path / "out"
-    r = run_script([sys.executable, "sdxl_train.py", *base_args(tiny_ckpt, dataset, out), *CACHED,
-                    "--max_train_steps", "2", "--block_lr", ",".join(["1e-5"] * 22)])
+    r = run_main("sdxl_train.py", [*base_args(tiny_ckpt, dataset, out), *CACHED,
+                 "--max_train_steps", "2", "--block_lr", ",".join(["1e-5"] * 22)])
     assert r.returncode == 2, r.stderr[-4000:]
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if "block_lr" in line]

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_script
+from tests.conftest import run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,12 @@ def train_args(ckpt: Path, data: Path, out: Path, steps: int, *extra: str) -> li
             "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
             "--learning_rate", "1e-3", "--max_train_steps", str(steps), "--train_batch_size", "2", "--seed", "1",
             "--max_data_loader_n_workers", "0", "--log_every_n_steps", "1", *extra]
+
+
+def in_process(*train_args_values) -> tuple[str, list[str]]:
+    """``run_main``'s (script, argv) for :func:`train_args` (the accelerate launch test is the real launch)."""
+    script, *argv = train_args(*train_args_values)
+    return script, argv
 
 
 @pytest.fixture()
@@ -59,14 +65,14 @@ def test_end_to_end_under_accelerate_launch(tiny_ckpt, dataset, tmp_path):
 def test_resume_is_exact(tiny_ckpt, dataset, tmp_path):
     """6 steps straight == 3 steps + save_state + resume to 6 (same weights, bit for bit, on the CPU)."""
     straight, first, resumed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, straight, 6)])
+    r = run_main(*in_process(tiny_ckpt, dataset, straight, 6))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, first, 6, "--save_every_n_steps", "3",
-                                                "--save_state")])
+    r = run_main(*in_process(tiny_ckpt, dataset, first, 6, "--save_every_n_steps", "3",
+                                                "--save_state"))
     assert r.returncode == 0, r.stderr[-3000:]
     state_dir = first / "lora-step00000003-state"
     assert (state_dir / "train_state.json").is_file()
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, resumed, 6, "--resume", str(state_dir))])
+    r = run_main(*in_process(tiny_ckpt, dataset, resumed, 6, "--resume", str(state_dir)))
     assert r.returncode == 0, r.stderr[-3000:]
     a, c = load_file(straight / "lora.safetensors"), load_file(resumed / "lora.safetensors")
     assert a.keys() == c.keys()
@@ -86,7 +92,7 @@ def test_learning_is_real(tiny_ckpt, dataset, tmp_path):
     from networks import lora as lora_module
 
     out = tmp_path / "learn"
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, out, 60, "--learning_rate", "3e-3")])
+    r = run_main(*in_process(tiny_ckpt, dataset, out, 60, "--learning_rate", "3e-3"))
     assert r.returncode == 0, r.stderr[-3000:]
 
     models = load_sdxl(tiny_ckpt)
@@ -131,10 +137,10 @@ def test_learning_is_real(tiny_ckpt, dataset, tmp_path):
 
 
 def test_bad_options_fail_before_loading(tiny_ckpt, dataset, tmp_path):
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, tmp_path / "x", 2, "--shuffle_caption")])
+    r = run_main(*in_process(tiny_ckpt, dataset, tmp_path / "x", 2, "--shuffle_caption"))
     assert r.returncode == 2
     assert "shuffle" in r.stderr and "Traceback" not in r.stderr
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, tmp_path / "x", 2, "--full_bf16")])
+    r = run_main(*in_process(tiny_ckpt, dataset, tmp_path / "x", 2, "--full_bf16"))
     assert r.returncode == 2 and "full_bf16" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -146,9 +152,9 @@ def test_sample_images_and_weighted_captions_during_training(tiny_ckpt, dataset,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\n(sks:1.2) circle, plain background --w 64 --h 64 --s 2 --d 7\n", encoding="utf-8")
     out = tmp_path / "sampled"
-    r = run_script([sys.executable, *train_args(tiny_ckpt, dataset, out, 2, "--weighted_captions",
+    r = run_main(*in_process(tiny_ckpt, dataset, out, 2, "--weighted_captions",
                                                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
-                                                "--sample_sampler", "euler_a")])
+                                                "--sample_sampler", "euler_a"))
     assert r.returncode == 0, r.stderr[-3000:]
     samples = sorted((out / "sample").glob("lora_000002_00_*_7.png"))
     assert len(samples) == 1

@@ -29,12 +29,24 @@ def base_meta():
     return build_random("base", meta=True)
 
 
-@pytest.fixture
-def tiny():
-    """A fresh tiny random SDXL in fp32 (tests hook and merge into it)."""
+@pytest.fixture(scope="module")
+def tiny_template():
+    """The tiny random SDXL in fp32, built once per module (random init is the expensive part)."""
     from library.models.presets import build_random
 
-    return build_random("tiny", seed=0)
+    models = build_random("tiny", seed=0)
+    return models, torch.get_rng_state()
+
+
+@pytest.fixture
+def tiny(tiny_template):
+    """A fresh tiny random SDXL in fp32 (tests hook and merge into it): a deep copy of the template,
+    with torch's global RNG where a fresh ``build_random("tiny", seed=0)`` leaves it."""
+    import copy
+
+    models, rng = tiny_template
+    torch.set_rng_state(rng)
+    return copy.deepcopy(models)
 
 
 def _net(models, dim=4, alpha=2.0, **kwargs) -> lora.LoRANetwork:
@@ -298,8 +310,9 @@ def test_save_load_round_trip(tiny, tmp_path, dtype):
     info = other.load_weights(path)
     assert not info.missing_keys and not info.unexpected_keys
     assert getattr(other, UNET_Q).scale == 0.5  # the file's alpha (2 / rank 4), not the network's
+    loaded = other.state_dict()
     for key, value in net.state_dict().items():
-        assert torch.equal(other.state_dict()[key], value.to(dtype or value.dtype).float())
+        assert torch.equal(loaded[key], value.to(dtype or value.dtype).float())
 
 
 def _bytes_after_header(path) -> bytes:
@@ -413,17 +426,21 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.fixture(scope="module")
+def tiny_template_folder(tiny_template, tmp_path_factory):
+    """The template written once as a diffusers folder (diffusers' pipeline loads it fresh per test)."""
+    from library.models.checkpoint_io import save_diffusers_folder
+
+    return save_diffusers_folder(tiny_template[0], tmp_path_factory.mktemp("lora_tiny") / "tiny")
+
+
 @pytest.mark.parametrize("conv", [False, True])
-def test_diffusers_load_lora_weights_matches_ours(tmp_path, conv):
+def test_diffusers_load_lora_weights_matches_ours(tmp_path, conv, tiny, tiny_template_folder):
     pytest.importorskip("peft")
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import logging as dlogging
 
-    from library.models.checkpoint_io import save_diffusers_folder
-    from library.models.presets import build_random
-
-    models = build_random("tiny", seed=0)
-    folder = save_diffusers_folder(models, tmp_path / "tiny")
+    models, folder = tiny, tiny_template_folder
     net = _net(models, dim=4, alpha=2.0, **({"conv_dim": "4", "conv_alpha": "3"} if conv else {}))
     net.apply_to([models.text_encoder1, models.text_encoder2], models.unet)
     _randomize_up(net, std=0.1)
