@@ -7,6 +7,7 @@ Each collected file names its source URL in its first comment line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from library.config.args import build_trainer_parser, parse_args_with_config
 from library.config.dataset_cli import dataset_configs_from_values
 from library.config.schema import validate_training_args
 from library.data.dataset import DataOptions, DatasetGroup
+from library.errors import UserError
 
 TOMLS = Path(__file__).resolve().parent.parent / "data" / "sd_scripts_tomls"
 SIZES = {"resolution": '"64,64"', "min_bucket_reso": "32", "max_bucket_reso": "128", "bucket_reso_steps": "32",
@@ -127,9 +130,14 @@ def test_sd_scripts_toml_parses_validates_and_scans(case, place, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "library.config.config_file"]
     want = WARNINGS.get(name, [])
     assert all(any(w in msg for msg in warnings) for w in want) and len(warnings) == (1 if want else 0), warnings
+    precision = ns.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():  # on this CPU-only machine
+        with pytest.raises(UserError, match="--mixed_precision fp16 needs a GPU"):
+            validate_training_args(argparse.Namespace(**vars(ns)), script)
+        ns.mixed_precision = "no"  # the rest of the check as it runs on a GPU machine
     validate_training_args(ns, script)
     for key, value in expected.items():
-        assert getattr(ns, key) == value, key
+        assert (precision if key == "mixed_precision" else getattr(ns, key)) == value, key
     values = dict(vars(ns))
     configs, source = dataset_configs_from_values(values)
     group = DatasetGroup(configs, DataOptions.from_values(values), source=source)
