@@ -39,6 +39,7 @@ from torch import nn
 
 from library.errors import UserError
 from library.inference.control import block_depths, check_image_size, pixel_factor  # noqa: F401 (re-exported)
+from networks.protocol import AdapterNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class LLLiteSettings:
     modules: dict[str, tuple[int, int, int]] | None = field(default=None)
 
 
-class ControlNetLLLite(nn.Module):
+class ControlNetLLLite(AdapterNetwork):
     """All LLLite modules of one U-Net; ``state_dict()`` is exactly the saved file's content."""
 
     def __init__(self, unet: nn.Module, settings: LLLiteSettings):
@@ -295,21 +296,6 @@ class ControlNetLLLite(nn.Module):
     def is_mergeable(self) -> bool:
         """LLLite depends on the conditioning image, so it cannot be baked into weights."""
         return False
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to do: the modules run inside the U-Net's (checkpointed) blocks."""
-
-    def prepare_grad_etc(self, text_encoder: Any = None, unet: nn.Module | None = None) -> None:
-        """Make every LLLite parameter trainable."""
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder: Any = None, unet: nn.Module | None = None) -> None:
-        """Training mode (dropout active)."""
-        self.train()
-
-    def get_trainable_params(self) -> Iterator[nn.Parameter]:
-        """All LLLite parameters."""
-        return self.parameters()
 
     def prepare_optimizer_params(self, text_encoder_lr: Any, unet_lr: float | None, default_lr: float
                                  ) -> tuple[list[dict[str, Any]], list[str]]:

@@ -26,6 +26,7 @@ from torch import nn
 from library.errors import UserError
 from networks.lora_args import NUM_BLOCKS, dropout_probability, parse_network_args
 from networks.lora_files import UNET_PREFIX, load_lora_file, normalize_lora_keys
+from networks.protocol import AdapterNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def diffusers_unet_aliases(unet: nn.Module) -> dict[str, str]:
     return {f"{UNET_PREFIX}_{path.replace('.', '_')}": name for name, path, _ in unet_targets(unet, True)}
 
 
-class LoRANetwork(nn.Module):
+class LoRANetwork(AdapterNetwork):
     """All LoRA modules of one SDXL model; ``state_dict()`` is exactly the file's content."""
 
     def __init__(self, text_encoders: Any, unet: nn.Module | None, settings: LoRASettings):
@@ -348,21 +349,6 @@ class LoRANetwork(nn.Module):
     def is_mergeable(self) -> bool:
         """LoRA can always be baked into the base weights."""
         return True
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to do: LoRA modules run inside the base model's (checkpointed) blocks."""
-
-    def prepare_grad_etc(self, text_encoder: Any = None, unet: nn.Module | None = None) -> None:
-        """Make every LoRA parameter trainable."""
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder: Any = None, unet: nn.Module | None = None) -> None:
-        """Training mode (dropouts active)."""
-        self.train()
-
-    def get_trainable_params(self) -> Iterator[nn.Parameter]:
-        """All LoRA parameters."""
-        return self.parameters()
 
     def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
                                  default_lr: float) -> tuple[list[dict[str, Any]], list[str]]:

@@ -51,3 +51,27 @@ class NetworkProtocol(Protocol):
 
     def is_mergeable(self) -> bool:
         """Whether the adapter can be baked into the base weights (``merge_to``)."""
+
+
+class AdapterNetwork(torch.nn.Module):
+    """What every adapter network of this package does the same way: all of its own parameters are
+    trained, it runs inside the base model's (checkpointed) blocks, training mode for every epoch.
+
+    Subclasses add what differs: hooking (``apply_to``), the multiplier, parameter groups and files.
+    """
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the adapter's modules run inside the base model's (checkpointed) blocks."""
+
+    def prepare_grad_etc(self, text_encoder: Any = None, unet: torch.nn.Module | None = None) -> None:
+        """Make every parameter of the adapter trainable."""
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder: Any = None, unet: torch.nn.Module | None = None) -> None:
+        """Training mode (dropouts active)."""
+        self.train()
+
+    def get_trainable_params(self) -> Iterable[torch.nn.Parameter]:
+        """All parameters of the adapter."""
+        return self.parameters()
+
