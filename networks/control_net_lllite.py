@@ -39,7 +39,7 @@ from torch import nn
 
 from library.errors import UserError
 from library.inference.control import block_depths, check_image_size, pixel_factor  # noqa: F401 (re-exported)
-from networks.protocol import AdapterNetwork
+from networks.protocol import AdapterNetwork, HookedModule
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def conditioning_layers(depth: int, cond_emb_dim: int, **kw: Any) -> list[nn.Mod
     return layers
 
 
-class LLLiteModule(nn.Module):
+class LLLiteModule(HookedModule):
     """The LLLite side network of one ``nn.Linear``; it replaces that module's forward when applied."""
 
     def __init__(self, name: str, org_module: nn.Linear, depth: int, cond_emb_dim: int, mlp_dim: int,
@@ -104,26 +104,6 @@ class LLLiteModule(nn.Module):
     @property
     def org_module(self) -> nn.Linear:
         return self._org[0]
-
-    def apply_to(self) -> None:
-        """Replace the original module's forward with this module's (idempotent)."""
-        if self.org_forward is not None:
-            return
-        org = self.org_module
-        self._had_own_forward = "forward" in org.__dict__  # e.g. a LoRA hooked in first
-        self.org_forward = org.forward
-        org.forward = self.forward
-
-    def restore(self) -> None:
-        """Give the original module its previous forward back."""
-        if self.org_forward is None:
-            return
-        org = self.org_module
-        if self._had_own_forward:
-            org.forward = self.org_forward
-        else:
-            org.__dict__.pop("forward", None)
-        self.org_forward = None
 
     def embed(self, cond_image: torch.Tensor) -> torch.Tensor:
         """``conditioning1`` of a (B, 3, H, W) image in [-1, 1], as (B, H/s * W/s, cond_emb_dim)."""

@@ -26,7 +26,7 @@ from torch import nn
 from library.errors import UserError
 from networks.lora_args import NUM_BLOCKS, dropout_probability, parse_network_args
 from networks.lora_files import UNET_PREFIX, load_lora_file, normalize_lora_keys
-from networks.protocol import AdapterNetwork
+from networks.protocol import AdapterNetwork, HookedModule
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", 
                                                 "float8_e5m2fnuz") if hasattr(torch, n))
 
 
-class LoRAModule(nn.Module):
+class LoRAModule(HookedModule):
     """A low-rank update of one Linear/Conv2d, applied by replacing that module's forward."""
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
@@ -80,26 +80,6 @@ class LoRAModule(nn.Module):
             self.scale = value / self.lora_dim
             if not self.alpha.is_meta:
                 self.alpha.fill_(value)
-
-    def apply_to(self) -> None:
-        """Replace the original module's forward with this module's (idempotent)."""
-        if self.org_forward is not None:
-            return
-        org = self.org_module
-        self._had_own_forward = "forward" in org.__dict__
-        self.org_forward = org.forward
-        org.forward = self.forward
-
-    def restore(self) -> None:
-        """Give the original module its own forward back."""
-        if self.org_forward is None:
-            return
-        org = self.org_module
-        if self._had_own_forward:
-            org.forward = self.org_forward
-        else:
-            org.__dict__.pop("forward", None)
-        self.org_forward = None
 
     def _org_call(self, x: torch.Tensor) -> torch.Tensor:
         org = self.org_module

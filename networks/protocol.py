@@ -75,3 +75,35 @@ class AdapterNetwork(torch.nn.Module):
         """All parameters of the adapter."""
         return self.parameters()
 
+
+class HookedModule(torch.nn.Module):
+    """An adapter module that takes over the forward of one base module (``org_module``).
+
+    Subclasses set ``self.org_forward = None`` in ``__init__``, expose ``org_module`` and call
+    ``self.org_forward(x)`` for the base computation. Hooks stack: a module hooked on top of another
+    adapter's hook gives that hook back on :meth:`restore`.
+    """
+
+    org_forward = None
+    _had_own_forward = False
+
+    def apply_to(self) -> None:
+        """Replace the original module's forward with this module's (idempotent)."""
+        if self.org_forward is not None:
+            return
+        org = self.org_module
+        self._had_own_forward = "forward" in org.__dict__  # e.g. another adapter hooked in first
+        self.org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the original module its previous forward back."""
+        if self.org_forward is None:
+            return
+        org = self.org_module
+        if self._had_own_forward:
+            org.forward = self.org_forward
+        else:
+            org.__dict__.pop("forward", None)
+        self.org_forward = None
+
