@@ -36,6 +36,7 @@ class TrainConfig:
     dynamo_mode: Optional[str] = None
     dynamo_fullgraph: bool = False
     dynamo_dynamic: bool = False
+    cuda_graphs: str = "auto"  # "auto": graph the U-Net step where safe (library.training.cuda_graphs); "off"
     fused_backward_pass: bool = False
     # several processes (library.training.distributed)
     ddp_timeout: Optional[int] = None

@@ -76,6 +76,7 @@ class LLLiteMethod:
     trains_text_encoders = False
     unet_weights_trained = False
     text_encoder_weights_trained = False
+    unet_batch_keys = ("conditioning_images",)  # batch entries unet_forward reads
 
     def __init__(self, opts: LLLiteOptions, factory: Any):
         self.opts = opts
@@ -118,6 +119,11 @@ class LLLiteMethod:
         # The embeddings stay until the optimizer step: a checkpointed U-Net recomputes its blocks
         # (and the modules inside them) during backward.
         return run.models.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
+
+    def cuda_graph_blocker(self, checkpointing: bool) -> str | None:
+        from library.training.cuda_graphs import network_graph_blocker
+
+        return network_graph_blocker(self.network, getattr(self.factory, "__name__", ""), checkpointing)
 
     def after_optimizer_step(self, run: TrainingRun) -> None:
         self.network.clear_cond_image()

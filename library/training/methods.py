@@ -187,6 +187,11 @@ class NetworkMethod:
     def unet_forward(self, run, noisy, timesteps, context, added, batch) -> torch.Tensor:
         return run.models.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
 
+    def cuda_graph_blocker(self, checkpointing: bool) -> str | None:
+        from library.training.cuda_graphs import network_graph_blocker
+
+        return network_graph_blocker(self.network, self.opts.network_module, checkpointing)
+
     def after_optimizer_step(self, run: TrainingRun) -> None:
         if self.opts.scale_weight_norms:
             self.network.apply_max_norm_regularization(self.opts.scale_weight_norms, run.device)

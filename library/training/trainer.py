@@ -169,6 +169,7 @@ class Trainer:
                            steps_per_epoch=updates_per_epoch, max_steps=self.max_steps,
                            gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_processes=acc.num_processes)
         self.validation = Validator.for_trainer(self)
+        self.graphed = self._graphed_loss()
         if acc.is_main_process and cfg.log_with:
             acc.init_trackers(cfg.log_tracker_name or "network_train", config={"max_train_steps": self.max_steps})
 
@@ -179,17 +180,34 @@ class Trainer:
         p = self.run.progress
         logger.info("resumed from %s at epoch %d, step %d", state_dir, p.epoch + 1, p.global_step)
 
+    def _graphed_loss(self):
+        """The CUDA-graphed loss and backward (see library.training.cuda_graphs), or None for eager steps."""
+        from library.training.cuda_graphs import GraphedLoss, graph_blocker, without_rng_stash
+
+        acc = self.run.accelerator
+        why = graph_blocker(self.cfg, acc, self.method, self._unet_is_mixed())
+        if why is not None:
+            if acc.device.type == "cuda":
+                logger.info("CUDA graphs off: %s", why)
+            return None
+        without_rng_stash(self.run.models.unet)
+        logger.info("CUDA graphs on: each batch shape runs eagerly once, then replays as a graph")
+        return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params)
+
     # -----------------------------------------------------------------------------------------
+    def _unet_is_mixed(self) -> bool:
+        if self._unet_mixed is None:
+            unet = self.run.accelerator.unwrap_model(self.run.models.unet)
+            self._unet_mixed = {p.dtype for p in unet.parameters()} != {self.run.weight_dtype}  # fp8 base: mixed
+        return self._unet_mixed
+
     def unet_autocast(self):
         """Autocast only where the U-Net holds weights in another dtype than the compute dtype.
 
         A frozen U-Net stored in bf16/fp16 (LoRA, full_bf16) needs no autocast: skipping it saves the
         fp32 copies autocast makes around normalisation layers (~1.5 GB at 1024^2) and the cast kernels.
         """
-        if self._unet_mixed is None:
-            unet = self.run.accelerator.unwrap_model(self.run.models.unet)
-            self._unet_mixed = {p.dtype for p in unet.parameters()} != {self.run.weight_dtype}  # fp8 base: mixed
-        if self._unet_mixed:
+        if self._unet_is_mixed():
             return self.run.accelerator.autocast()
         return contextlib.nullcontext()
 
@@ -220,6 +238,12 @@ class Trainer:
 
         Noise comes from ``generator`` (default: the run's noise RNG); ``timesteps`` fixes t (validation).
         """
+        return self.denoise_loss(self.denoise_inputs(batch, generator, timesteps))
+
+    def denoise_inputs(self, batch: dict, generator: torch.Generator | None = None,
+                       timesteps: int | None = None) -> dict[str, torch.Tensor]:
+        """Everything :meth:`denoise_loss` reads, as device tensors: noisy latents, timesteps, text
+        conditioning, target, and the batch entries the loss and the method's U-Net call use."""
         cfg, run = self.cfg, self.run
         gen = generator if generator is not None else self.rng.generator
         latents = self.latents_of(batch, generator)
@@ -233,16 +257,28 @@ class Trainer:
         noisy = noise.add_noise(run.scheduler, latents,
                                 noise.perturb_noise(eps, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength), t)
         ids = time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
-        added = unet_added_cond(pooled, ids.to(latents.device))
+        inputs = {"noisy": noisy, "timesteps": t, "context": context, "time_ids": ids.to(latents.device),
+                  "text_embeds": pooled, "target": noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)}
+        extra = {"alpha_masks": cfg.masked_loss, "loss_weights": True}
+        extra.update({k: True for k in getattr(self.method, "unet_batch_keys", ())})
+        for key, wanted in extra.items():
+            if wanted and batch.get(key) is not None:
+                inputs[key] = batch[key].to(latents.device, non_blocking=True)
+        return inputs
+
+    def denoise_loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The U-Net's prediction for ``inputs`` (see :meth:`denoise_inputs`) and its weighted loss."""
+        cfg, run = self.cfg, self.run
+        t = inputs["timesteps"]
+        added = unet_added_cond(inputs["text_embeds"], inputs["time_ids"])
         with self.unet_autocast():
-            pred = self.method.unet_forward(run, noisy, t, context, added, batch)
-        target = noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)
+            pred = self.method.unet_forward(run, inputs["noisy"], t, inputs["context"], added, inputs)
         huber_c = losses.huber_c_for(t, run.scheduler, cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) \
             if cfg.loss_type in ("huber", "smooth_l1") else cfg.huber_c
-        mask = batch.get("alpha_masks") if cfg.masked_loss else None
-        per_sample = losses.per_sample_loss(pred.float(), target.float(), cfg.loss_type, huber_c, mask)
+        per_sample = losses.per_sample_loss(pred.float(), inputs["target"].float(), cfg.loss_type, huber_c,
+                                            inputs.get("alpha_masks"))
         per_sample = losses.apply_loss_weighting(
-            per_sample, t, run.scheduler, cfg.v_parameterization, batch.get("loss_weights"), cfg.min_snr_gamma,
+            per_sample, t, run.scheduler, cfg.v_parameterization, inputs.get("loss_weights"), cfg.min_snr_gamma,
             cfg.scale_v_pred_loss_like_noise_pred, cfg.v_pred_like_loss, cfg.debiased_estimation_loss)
         return per_sample.mean()
 
@@ -254,8 +290,11 @@ class Trainer:
         """
         acc, cfg = self.run.accelerator, self.cfg
         with acc.accumulate(*self.trained):
-            loss = self.loss_of(batch)
-            acc.backward(loss)
+            if self.graphed is not None:
+                loss = self.graphed.loss_and_backward(self.denoise_inputs(batch))
+            else:
+                loss = self.loss_of(batch)
+                acc.backward(loss)
             if self.fused is None:
                 if acc.sync_gradients and self.average_gradients is not None:
                     self.average_gradients()
@@ -266,7 +305,9 @@ class Trainer:
             elif hasattr(self.fused, "finish"):
                 self.fused.finish()  # --fused_optimizer_groups: groups a parameter without gradient left open
             self.lr_scheduler.step()
-        return loss
+        # Detached: a loss held with its autograd graph would keep last step's gradient-accumulation
+        # nodes (bound to the stream they ran on) alive into the next step's CUDA graph capture.
+        return loss.detach()
 
     # -----------------------------------------------------------------------------------------
     def train(self) -> Path | None:

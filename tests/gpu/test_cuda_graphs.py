@@ -1,0 +1,87 @@
+"""On a CUDA GPU: training with CUDA-graphed steps (``--cuda_graphs auto``) equals eager training.
+
+Run on the lent device: ``python -m pytest -m gpu tests/gpu -q`` (never in CI: no GPU there).
+Each case trains the tiny model twice from the same seed, eagerly and graphed, through the real
+script (in-process), and compares the saved files. The bucketed data has several batch shapes, so
+graphs are captured for more than one shape and replayed in mixed order.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_main
+from tests.integration.test_train_lllite import write_square_task
+from tests.integration.test_train_network import train_args
+from tests.integration.test_train_textual_inversion import ti_args
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = ["--mixed_precision", "bf16"]
+
+
+@pytest.fixture()
+def dataset(tiny_model_dir, tmp_path) -> Path:
+    dst = tmp_path / "train"
+    shutil.copytree(tiny_model_dir / "train", dst)
+    return dst
+
+
+def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict, str]:
+    """(eager weights, graphed weights, the graphed run's log)."""
+    weights, logs = [], []
+    for mode in ("off", "auto"):
+        out = tmp_path / f"out_{mode}"
+        r = run_main(script, [*make_argv(out), *CUDA, "--cuda_graphs", mode])
+        assert r.returncode == 0, r.stderr[-3000:]
+        weights.append(load_file(out / out_file))
+        logs.append(r.stderr)
+    return weights[0], weights[1], logs[1]
+
+
+def assert_same_training(eager: dict, graphed: dict, log: str, captures: int = 2) -> None:
+    assert "CUDA graphs on" in log and log.count("captured a CUDA graph") >= captures, log[-3000:]
+    assert "capture failed" not in log, log[-3000:]
+    assert eager.keys() == graphed.keys()
+    for key in eager:
+        a, b = eager[key].float(), graphed[key].float()
+        rel = float((a - b).norm() / a.norm().clamp(min=1e-12))
+        assert rel < 1e-2, (key, rel)
+
+
+@pytest.mark.parametrize("extra", [(), ("--gradient_checkpointing",), ("--gradient_accumulation_steps", "2")],
+                         ids=["plain", "checkpointing", "accumulation"])
+def test_lora_graphed_equals_eager(tiny_ckpt, dataset, tmp_path, extra):
+    eager, graphed, log = train_twice(
+        "sdxl_train_network.py", lambda out: train_args(tiny_ckpt, dataset, out, 16, *extra)[1:], tmp_path,
+        "lora.safetensors")
+    assert_same_training(eager, graphed, log)
+    assert any(v.abs().sum() > 0 for k, v in graphed.items() if k.endswith("lora_up.weight"))  # it trained
+
+
+def test_textual_inversion_graphed_equals_eager(tiny_ckpt, dataset, tmp_path):
+    eager, graphed, log = train_twice(
+        "sdxl_train_textual_inversion.py",
+        lambda out: ti_args(tiny_ckpt, dataset, out, 16, "--save_model_as", "safetensors"), tmp_path,
+        "sks.safetensors")
+    assert_same_training(eager, graphed, log)
+
+
+def test_lllite_graphed_equals_eager(tiny_ckpt, tmp_path):
+    data, cond = write_square_task(tmp_path)
+
+    def argv(out: Path) -> list[str]:
+        return ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir", str(data),
+                "--conditioning_data_dir", str(cond), "--output_dir", str(out), "--output_name", "lllite",
+                "--resolution", "64", "--cond_emb_dim", "16", "--network_dim", "32", "--max_train_steps", "12",
+                "--learning_rate", "1e-3", "--train_batch_size", "2", "--seed", "1", "--cache_latents",
+                "--cache_text_encoder_outputs", "--max_data_loader_n_workers", "0"]
+
+    eager, graphed, log = train_twice("sdxl_train_control_net_lllite.py", argv, tmp_path, "lllite.safetensors")
+    assert_same_training(eager, graphed, log, captures=1)
