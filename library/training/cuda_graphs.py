@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -51,8 +52,7 @@ def graph_blocker(cfg: Any, accelerator: Any, method: Any, mixed_autocast: bool)
         (cfg.fused_backward_pass or bool(cfg.fused_optimizer_groups), "the optimizer steps inside the backward"),
         (cfg.cpu_offload_checkpointing, "--cpu_offload_checkpointing copies to host memory"),
         (cfg.deepspeed, "DeepSpeed"),
-        (method.unet_weights_trained, "the U-Net's own weights are trained (graphed gradients would double "
-                                      "their memory)"),
+        (method.unet_weights_trained, "the U-Net's own weights are trained (graphed gradients: twice the memory)"),
         (mixed_autocast, "the U-Net's weights are in another dtype than the compute dtype (autocast)"),
     ]
     for blocked, why in reasons:
@@ -161,7 +161,7 @@ class GraphedLoss:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 loss = self.loss_fn(static)
                 self.backward(loss)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run this run eagerly
+        except Exception as exc:
             root = exc
             while root.__context__ is not None:  # the capture's end reports a follow-up error; name the first
                 root = root.__context__

@@ -49,8 +49,8 @@ def assert_same_training(eager: dict, graphed: dict, log: str, captures: int = 2
     assert "CUDA graphs on" in log and log.count("captured a CUDA graph") >= captures, log[-3000:]
     assert "capture failed" not in log, log[-3000:]
     assert eager.keys() == graphed.keys()
-    for key in eager:
-        a, b = eager[key].float(), graphed[key].float()
+    for key, tensor in eager.items():
+        a, b = tensor.float(), graphed[key].float()
         rel = float((a - b).norm() / a.norm().clamp(min=1e-12))
         assert rel < 1e-2, (key, rel)
 
