@@ -239,7 +239,7 @@ class Trainer:
         target = noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)
         huber_c = losses.huber_c_for(t, run.scheduler, cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) \
             if cfg.loss_type in ("huber", "smooth_l1") else cfg.huber_c
-        mask = batch.get("alpha_masks") if cfg.masked_loss else None
+        mask = losses.loss_mask(batch, cfg.masked_loss)
         per_sample = losses.per_sample_loss(pred.float(), target.float(), cfg.loss_type, huber_c, mask)
         per_sample = losses.apply_loss_weighting(
             per_sample, t, run.scheduler, cfg.v_parameterization, batch.get("loss_weights"), cfg.min_snr_gamma,
