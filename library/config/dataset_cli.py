@@ -2,6 +2,9 @@
 
 ``--train_data_dir`` holds DreamBooth folders named ``<repeats>_<class tokens>`` (``10_sks dog``),
 ``--reg_data_dir`` the same for regularisation images, ``--in_json`` a fine-tuning metadata file.
+With ``--conditioning_data_dir`` (ControlNet-LLLite control images, ``--masked_loss`` masks), a
+``--train_data_dir`` that holds images itself is the one subset (sd-scripts' ControlNet layout);
+one that holds only ``<repeats>_<name>`` folders gives a subset per folder (our extension).
 :func:`dataset_configs_from_values` reads either these options or ``--dataset_config`` and checks
 the configs against the caching options; nothing here imports torch, so a bad dataset config is
 reported before the models' libraries are loaded.
@@ -49,6 +52,35 @@ def parse_dreambooth_folders(parent: str | Path, is_reg: bool = False) -> list[d
     return tables
 
 
+def _holds_images(folder: Path) -> bool:
+    from library.data.images import is_image_path
+
+    return any(not p.name.startswith(".") and p.is_file() and is_image_path(p.name) for p in folder.iterdir())
+
+
+def controlnet_subsets(train_data_dir: str | Path, conditioning_data_dir: str) -> list[dict[str, Any]]:
+    """Subset tables for ``--train_data_dir`` with ``--conditioning_data_dir`` (no dataset config).
+
+    As in sd-scripts, a ``train_data_dir`` that holds images itself is the one subset, with
+    ``num_repeats = 1``. Our extension: one that holds no images but ``<repeats>_<name>``
+    folders gives one subset per folder, each paired with ``conditioning_data_dir`` and with the
+    folder's name as the class tokens (the caption of images without a caption file).
+    """
+    parent = Path(train_data_dir)
+    if not parent.is_dir():
+        raise UserError(f"--train_data_dir: folder '{parent}' does not exist")
+    if _holds_images(parent):
+        return [{"image_dir": str(parent), "num_repeats": 1, "conditioning_data_dir": conditioning_data_dir}]
+    subsets = parse_dreambooth_folders(parent)
+    if not subsets:
+        raise UserError(f"--train_data_dir {parent} has no images (and no '<repeats>_<name>' "
+                        "sub-folders); with --conditioning_data_dir put the training images in it, "
+                        "with the same file names as the images in --conditioning_data_dir")
+    for table in subsets:
+        table["conditioning_data_dir"] = conditioning_data_dir
+    return subsets
+
+
 def dataset_config_from_cli(train_data_dir: Optional[str], reg_data_dir: Optional[str],
                             in_json: Optional[str], general: Mapping[str, Any], *,
                             allowed_kinds: Optional[Iterable[str]] = None,
@@ -57,9 +89,9 @@ def dataset_config_from_cli(train_data_dir: Optional[str], reg_data_dir: Optiona
 
     With ``in_json``: one fine-tuning subset (metadata_file = in_json, image_dir =
     train_data_dir, num_repeats = dataset_repeats). With ``general["conditioning_data_dir"]``:
-    ControlNet subsets, one per ``<repeats>_<name>`` folder of train_data_dir. Otherwise
-    DreamBooth subsets from the folders of train_data_dir and (is_reg) reg_data_dir.
-    ``general`` holds the other command-line values (argparse names).
+    ControlNet subsets (see :func:`controlnet_subsets`). Otherwise DreamBooth subsets from the
+    folders of train_data_dir and (is_reg) reg_data_dir. ``general`` holds the other
+    command-line values (argparse names).
     """
     general = dict(general)
     if in_json:
@@ -72,16 +104,15 @@ def dataset_config_from_cli(train_data_dir: Optional[str], reg_data_dir: Optiona
         if not train_data_dir:
             raise UserError("no training data: pass --train_data_dir (folders like "
                             "'10_sks dog'), --in_json, or --dataset_config")
-        subsets = parse_dreambooth_folders(train_data_dir)
-        if not subsets:
-            raise UserError(f"--train_data_dir {train_data_dir} has no '<repeats>_<class "
-                            "tokens>' sub-folders; put the images in e.g. "
-                            f"'{Path(train_data_dir) / '10_sks dog'}'")
         cond_dir = general.pop("conditioning_data_dir", None)
         if cond_dir:
-            for table in subsets:
-                table["conditioning_data_dir"] = str(cond_dir)
-                table.pop("class_tokens", None)
+            subsets = controlnet_subsets(train_data_dir, str(cond_dir))
+        else:
+            subsets = parse_dreambooth_folders(train_data_dir)
+            if not subsets:
+                raise UserError(f"--train_data_dir {train_data_dir} has no '<repeats>_<class "
+                                "tokens>' sub-folders; put the images in e.g. "
+                                f"'{Path(train_data_dir) / '10_sks dog'}'")
         if reg_data_dir:
             reg = parse_dreambooth_folders(reg_data_dir, is_reg=True)
             if not reg:

@@ -110,7 +110,7 @@ _DATASET_ALLOWED = _GENERAL_ALLOWED | {"subsets"}
 _SUBSET_ALLOWED = frozenset(_SUBSET_KEYS)
 #: Subset keys that only make sense for some subset kinds (checked where set in a subset).
 _KIND_ONLY = {
-    "class_tokens": (DREAMBOOTH,),
+    "class_tokens": (DREAMBOOTH, CONTROLNET),
     "is_reg": (DREAMBOOTH,),
     "caption_extension": (DREAMBOOTH, CONTROLNET),
     "cache_info": (DREAMBOOTH, CONTROLNET),

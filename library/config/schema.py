@@ -362,6 +362,10 @@ def _check_script(ns: argparse.Namespace, script: str) -> None:
         if not (_get(ns, "dataset_config") or _get(ns, "conditioning_data_dir")):
             raise UserError("ControlNet-LLLite needs control images: give --conditioning_data_dir or a "
                             "--dataset_config whose subsets set conditioning_data_dir")
+        if _get(ns, "masked_loss"):
+            raise UserError("--masked_loss is not an option of sdxl_train_control_net_lllite.py (nor of "
+                            "sd-scripts' one): its conditioning images are the control images, not loss "
+                            "masks; remove --masked_loss")
 
 
 # Options parsed so sd-scripts command lines and TOMLs run unchanged, whose feature is not built yet.

@@ -63,6 +63,7 @@ from library.data.dataset_items import (
     list_subset,
     split_validation,
     subset_label,
+    warn_unpaired_conditioning,
 )
 from library.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, ScanReport, image_size, scan_images
 from library.data.sample_pixels import load_conditioning_image, load_sample_pixels
@@ -178,6 +179,8 @@ class DatasetGroup(torch.utils.data.Dataset):
                 candidates, found = list_subset(sub)
                 problems += found
                 listed += [(d, s, c) for c in candidates]
+        warn_unpaired_conditioning([sub for ds in self.configs for sub in ds.subsets],
+                                   [c.conditioning_path for _, _, c in listed])
         paths = list(dict.fromkeys(p for _, _, c in listed
                                    for p in (c.path, c.conditioning_path) if p))
         logger.info("checking %d image file(s)", len(paths))

@@ -306,6 +306,30 @@ def list_subset(subset: SubsetConfig) -> tuple[list[Candidate], list[Problem]]:
     return _folder_candidates(subset, subset.kind)
 
 
+def warn_unpaired_conditioning(subsets: Sequence[SubsetConfig], paired: Sequence[Optional[str]]
+                               ) -> dict[str, list[str]]:
+    """Warn once per ``conditioning_data_dir`` about its images that no training image pairs with.
+
+    ``paired``: the conditioning images the candidates found. Returns ``{folder: [file names]}``.
+    sd-scripts stops with an error here; such images are only unused, so a warning with the count
+    and the names is enough.
+    """
+    used = {os.path.normpath(p) for p in paired if p}
+    folders = dict.fromkeys(os.path.normpath(os.path.expanduser(s.conditioning_data_dir))
+                            for s in subsets if s.kind == CONTROLNET)
+    unpaired: dict[str, list[str]] = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        names = [os.path.basename(p) for p in list_folder_images(folder) if os.path.normpath(p) not in used]
+        if names:
+            unpaired[folder] = names
+            logger.warning("%d conditioning image(s) in %s have no training image of the same name and are "
+                           "not used: %s", len(names), folder,
+                           ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+    return unpaired
+
+
 def balance_reg_repeats(train_samples: int, reg_repeats: Sequence[int]) -> list[int]:
     """Repeats per regularisation image so that they add up to exactly ``train_samples``.
 

@@ -103,9 +103,17 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
-def mask_from_conditioning_image(image: torch.Tensor) -> torch.Tensor:
-    """``--masked_loss`` weights from a conditioning image in [-1, 1] [B, C, H, W]: its R channel in [0, 1]."""
-    return image[:, :1].float() / 2 + 0.5
+def loss_mask(batch: dict, masked_loss: bool) -> torch.Tensor | None:
+    """The per-pixel loss weights of a batch, as sd-scripts applies them, or None.
+
+    With ``--masked_loss``: the red channel of the batch's conditioning (mask) images, which the
+    dataset gives in [0, 1] ([B, H, W]). Otherwise, or without them: the ``alpha_masks`` that the
+    dataset adds when any subset uses ``alpha_mask`` (``--alpha_mask`` alone masks, as there).
+    """
+    cond = batch.get("conditioning_images")
+    if masked_loss and cond is not None:
+        return cond[:, 0]
+    return batch.get("alpha_masks")
 
 
 def per_sample_loss(

@@ -259,11 +259,11 @@ class Trainer:
         ids = time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
         inputs = {"noisy": noisy, "timesteps": t, "context": context, "time_ids": ids.to(latents.device),
                   "text_embeds": pooled, "target": noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)}
-        extra = {"alpha_masks": cfg.masked_loss, "loss_weights": True}
-        extra.update({k: True for k in getattr(self.method, "unet_batch_keys", ())})
-        for key, wanted in extra.items():
-            if wanted and batch.get(key) is not None:
-                inputs[key] = batch[key].to(latents.device, non_blocking=True)
+        extra = {"loss_mask": losses.loss_mask(batch, cfg.masked_loss), "loss_weights": batch.get("loss_weights")}
+        extra.update({k: batch.get(k) for k in getattr(self.method, "unet_batch_keys", ())})
+        for key, value in extra.items():
+            if value is not None:
+                inputs[key] = value.to(latents.device, non_blocking=True)
         return inputs
 
     def denoise_loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -276,7 +276,7 @@ class Trainer:
         huber_c = losses.huber_c_for(t, run.scheduler, cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) \
             if cfg.loss_type in ("huber", "smooth_l1") else cfg.huber_c
         per_sample = losses.per_sample_loss(pred.float(), inputs["target"].float(), cfg.loss_type, huber_c,
-                                            inputs.get("alpha_masks"))
+                                            inputs.get("loss_mask"))
         per_sample = losses.apply_loss_weighting(
             per_sample, t, run.scheduler, cfg.v_parameterization, inputs.get("loss_weights"), cfg.min_snr_gamma,
             cfg.scale_v_pred_loss_like_noise_pred, cfg.v_pred_like_loss, cfg.debiased_estimation_loss)

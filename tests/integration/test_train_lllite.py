@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 import sdxl_gen_img
 import sdxl_train_control_net_lllite as script
 from library.errors import UserError
-from tests.conftest import run_script
+from tests.conftest import run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,13 @@ def _square(q: int, size: int = 64) -> tuple[int, int]:
     return (q % 2) * size // 2, (q // 2) * size // 2
 
 
-def write_square_task(root: Path) -> tuple[Path, Path]:
-    """Target: a red square on blue in one quadrant; condition: a white square on black in the same place."""
-    images, cond = root / "data" / "10_square", root / "cond"
+def write_square_task(root: Path, flat: bool = False) -> tuple[Path, Path]:
+    """Target: a red square on blue in one quadrant; condition: a white square on black in the same place.
+
+    Returns (--train_data_dir, --conditioning_data_dir); ``flat``: the images lie in the first itself
+    (sd-scripts' layout), else in its sub-folder ``10_square`` (our extension).
+    """
+    images, cond = (root / "data") if flat else (root / "data" / "10_square"), root / "cond"
     images.mkdir(parents=True)
     cond.mkdir()
     for q in range(QUADRANTS):
@@ -175,6 +180,30 @@ def test_accelerate_launch_then_generate_with_lora(tiny_ckpt, tmp_path):
     assert len(alone) == 1 and len(both) == 1
     with pytest.raises(UserError, match="width 72 is not a multiple of 32"):
         sdxl_gen_img.main([*common[:5], "72", *common[6:], "--outdir", str(tmp_path / "c")])
+
+
+def test_sd_scripts_flat_layout_runs_as_launched(tiny_ckpt, tmp_path):
+    """sd-scripts' command line: --train_data_dir holds the images itself (one subset, num_repeats 1,
+    --caption_extension .txt); a control image without a training image is left out with a warning
+    that counts it, where sd-scripts stops."""
+    data, cond = write_square_task(tmp_path, flat=True)
+    for q in range(QUADRANTS):
+        (data / f"q{q}.caption").rename(data / f"q{q}.txt")
+    Image.new("RGB", (64, 64)).save(cond / "unpaired.png")
+    out = tmp_path / "out"
+    r = run_main("sdxl_train_control_net_lllite.py",
+                 base_args(tiny_ckpt, data, cond, out, 2, "--caption_extension", ".txt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"1 conditioning image(s) in {cond} have no training image of the same name and are not used: " \
+           "unpaired.png" in r.stderr
+    with safe_open(str(out / "lllite.safetensors"), "pt") as f:
+        meta = f.metadata()
+    (dataset,) = json.loads(meta["ss_datasets"])
+    (subset,) = dataset["subsets"]
+    assert dataset["is_controlnet"] and (subset["image_dir"], subset["num_repeats"], subset["img_count"]) == \
+        ("data", 1, QUADRANTS)
+    assert meta["ss_num_train_images"] == str(QUADRANTS)
+    assert json.loads(meta["ss_tag_frequency"]) == {"data": {"a square": QUADRANTS}}  # the .txt captions
 
 
 def test_bad_conditioning_data_is_one_line_before_loading(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -160,3 +161,32 @@ def test_sample_images_and_weighted_captions_during_training(tiny_ckpt, dataset,
     assert len(samples) == 1
     params = read_generation_params(samples[0])
     assert params["seed"] == 7 and params["steps"] == 2 and params["width"] == 64
+
+
+def test_masked_loss_weights_the_loss_by_the_mask_images(tiny_ckpt, dataset, tmp_path):
+    """--masked_loss --conditioning_data_dir with the DreamBooth folders: each image's mask (same stem,
+    its red channel) weights the loss. All-black masks train nothing (every lora_up stays zero); all-white
+    ones train exactly as without a mask."""
+    from PIL import Image
+
+    images = sorted((dataset / "10_sks shape").glob("*.png"))
+    runs = {}
+    for name, value in (("black", 0), ("white", 255)):
+        masks = tmp_path / f"{name}_masks"
+        masks.mkdir()
+        for path in images:
+            Image.new("RGB", Image.open(path).size, (value, 0, 0)).save(masks / path.name)
+        out = tmp_path / name
+        r = run_main(*in_process(tiny_ckpt, dataset, out, 2, "--masked_loss", "--conditioning_data_dir", str(masks)))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = load_file(out / "lora.safetensors")
+        with safe_open(str(out / "lora.safetensors"), "pt") as f:
+            (subset,) = json.loads(f.metadata()["ss_datasets"])[0]["subsets"]
+        assert (subset["num_repeats"], subset["class_tokens"]) == (10, "sks shape")  # the DreamBooth folder
+    r = run_main(*in_process(tiny_ckpt, dataset, tmp_path / "plain", 2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = load_file(tmp_path / "plain" / "lora.safetensors")
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert all(torch.count_nonzero(runs["black"][k]) == 0 for k in ups)
+    assert any(torch.count_nonzero(plain[k]) for k in ups)
+    assert all(torch.equal(runs["white"][k], plain[k]) for k in plain)

@@ -408,6 +408,8 @@ ERRORS = [
     ("train", ["--resolution", "big"], "--resolution"),
     ("train", ["--caption_dropout_rate", "1.5"], "between 0 and 1"),
     ("train", ["--sample_prompts", "/no/such/prompts.txt"], "--sample_prompts: file not found"),
+    ("train_control_net_lllite", ["--masked_loss"], "--masked_loss is not an option of "
+     "sdxl_train_control_net_lllite.py"),
 ]
 
 

@@ -272,3 +272,48 @@ def test_conditioning_dir_from_cli_gives_controlnet_subsets(tmp_path):
     (ds,) = dataset_config_from_cli(str(train), None, None,
                                     {"resolution": "1024", "conditioning_data_dir": str(cond)})
     assert ds.kind == "controlnet" and len(ds.subsets) == 2
+
+
+def _touch_images(folder: Path, names: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")  # the layout is decided from names only; nothing is decoded
+    return folder
+
+
+def test_conditioning_dir_with_images_in_train_data_dir_is_one_subset(tmp_path):
+    """sd-scripts' ControlNet layout: --train_data_dir itself is the one subset, num_repeats 1, and
+    --caption_extension applies; a sub-folder next to the images is not a subset."""
+    train = _touch_images(tmp_path / "img", ["a.png", "b.JPG"])
+    (train / "10_ignored").mkdir()
+    cond = make_folders(tmp_path / "cond", [])
+    (ds,) = dataset_config_from_cli(str(train), None, None,
+                                    {"resolution": "1024", "conditioning_data_dir": str(cond),
+                                     "caption_extension": ".txt"})
+    (subset,) = ds.subsets
+    assert subset.kind == "controlnet" and subset.image_dir == str(train) and subset.num_repeats == 1
+    assert subset.conditioning_data_dir == str(cond) and subset.caption_extension == ".txt"
+    assert subset.class_tokens is None
+
+
+def test_conditioning_dir_with_repeat_folders_keeps_repeats_and_class_tokens(tmp_path):
+    """Our extension: no images in --train_data_dir but '<repeats>_<name>' folders: one subset each."""
+    train = make_folders(tmp_path / "img", ["10_red square", "2_blue"])
+    cond = make_folders(tmp_path / "cond", [])
+    (ds,) = dataset_config_from_cli(str(train), None, None,
+                                    {"resolution": "1024", "conditioning_data_dir": str(cond)})
+    got = {Path(s.image_dir).name: (s.num_repeats, s.class_tokens, s.conditioning_data_dir) for s in ds.subsets}
+    assert got == {"10_red square": (10, "red square", str(cond)), "2_blue": (2, "blue", str(cond))}
+
+
+def test_conditioning_dir_with_neither_images_nor_folders_is_one_line(tmp_path):
+    train = make_folders(tmp_path / "img", ["notes"])
+    with pytest.raises(UserError) as info:
+        dataset_config_from_cli(str(train), None, None,
+                                {"resolution": "1024", "conditioning_data_dir": str(tmp_path)})
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"--train_data_dir {train} has no images")
+    assert "--conditioning_data_dir" in text
+    with pytest.raises(UserError, match="--train_data_dir: folder .* does not exist"):
+        dataset_config_from_cli(str(tmp_path / "nope"), None, None,
+                                {"resolution": "1024", "conditioning_data_dir": str(tmp_path)})

@@ -220,8 +220,23 @@ def test_masked_loss():
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, :, :8] = 1.0  # left half, at twice the latent resolution
     torch.testing.assert_close(L.per_sample_loss(pred, target, mask=mask), torch.tensor([0.5, 0.5]))
-    cond = torch.full((2, 3, 8, 8), -1.0)  # conditioning image: black R channel -> weight 0
-    assert L.per_sample_loss(pred, target, mask=L.mask_from_conditioning_image(cond)).tolist() == [0.0, 0.0]
+
+
+
+def test_loss_mask_is_the_mask_images_red_channel_or_the_alpha_mask():
+    """As in sd-scripts: --masked_loss weights by the conditioning image's R channel (the dataset gives
+    it in [0, 1]); alpha masks apply whenever the dataset made them, with or without --masked_loss."""
+    pred, target = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    cond = torch.zeros(2, 3, 64, 64)
+    cond[0, 0, :, :32] = 1.0  # image 0: left half white in R (G and B do not count); image 1: black
+    cond[1, 1:] = 1.0
+    batch = {"conditioning_images": cond}
+    mask = L.loss_mask(batch, masked_loss=True)
+    assert L.per_sample_loss(pred, target, mask=mask).tolist() == [0.5, 0.0]
+    assert L.loss_mask(batch, masked_loss=False) is None  # LLLite's control images are no masks
+    alpha = torch.ones(2, 64, 64)
+    assert L.loss_mask({"alpha_masks": alpha}, masked_loss=False) is alpha
+    assert L.loss_mask({}, masked_loss=True) is None
 
 
 def _snr(sched, t):
