@@ -1,26 +1,138 @@
 #!/usr/bin/env bash
-# Add configs to the side-by-side harness (../shared/anchor_bench/run.sh) without changing it:
-#   H = B + --torch_compile   I = D + --torch_compile   J = C + --torch_compile
+# Add configs to the side-by-side harness (../shared/anchor_bench/run.sh) without changing it.
 # usage: bash bench/anchor_extra.sh HARNESS_DIR   -> writes HARNESS_DIR/run_extra.sh (run it like run.sh)
+#
+#   H  textual inversion, batch 1 (4 vectors, --init_word cat, --use_object_template, AdamW 5e-3)
+#   I  H at batch 4 + --gradient_checkpointing
+#   N  H + --torch_compile
+#   J  ControlNet-LLLite (--network_dim 64 --cond_emb_dim 32, AdamW 2e-4), batch 1, on $DATA/10_test
+#      with one edge-map control image per training image (bench/anchor_assets.py cond)
+#   K  J at batch 4
+#   O  E + --control_net_lllite_models (J's or K's file, sd-scripts' first; else a random one) + a guide image
+#   L  E with the highres fix from 512 (--highres_fix_scale 0.5, 28 first-stage steps)
+#   M  E with the highres fix from 768 (--highres_fix_scale 0.75)
+#   P  B + --torch_compile   Q  D + --torch_compile   R  C + --torch_compile
+# ANCHOR_PARSE_ONLY=1 also checks the project's scripts (bench/anchor_parse_ours.py) when the dataset
+# and the checkpoint file exist (bench/anchor_parse_check.sh builds small stand-ins on a CPU machine).
 set -eu
 python3 - "$1" <<'PY'
 import pathlib, sys
 d = pathlib.Path(sys.argv[1])
 lines = (d / "run.sh").read_text().splitlines()
-extra_desc = ['DESC[H]="B + --torch_compile"; KIND[H]=train; BS[H]=1; CAP[H]=200',
-              'DESC[I]="D + --torch_compile"; KIND[I]=train; BS[I]=1; CAP[I]=200',
-              'DESC[J]="C + --torch_compile"; KIND[J]=train; BS[J]=4; CAP[J]=200',
-              'NAME_H=H_lora_r8_bs1_gc_adafactor_compile; NAME_I=I_full_ft_bs1_compile; NAME_J=J_lora_r32_bs4_compile']
-extra_case = ['    H) cfg_cmd B; CMD+=(--torch_compile); return ;;',
-              '    I) cfg_cmd D; CMD+=(--torch_compile); return ;;',
-              '    J) cfg_cmd C; CMD+=(--torch_compile); return ;;']
-out = []
+
+after_names = r'''
+# ---- added by the project's bench/anchor_extra.sh -----------------------------------------------------------
+DESC[H]="textual inversion bs1, 4 vectors, AdamW";     KIND[H]=train; BS[H]=1; CAP[H]=150
+DESC[I]="textual inversion bs4 + grad ckpt";           KIND[I]=train; BS[I]=4; CAP[I]=180
+DESC[N]="H + --torch_compile";                         KIND[N]=train; BS[N]=1; CAP[N]=300
+DESC[J]="ControlNet-LLLite bs1 dim 64 cond 32 AdamW";  KIND[J]=train; BS[J]=1; CAP[J]=150
+DESC[K]="ControlNet-LLLite bs4";                       KIND[K]=train; BS[K]=4; CAP[K]=180
+DESC[O]="E + ControlNet-LLLite (guide image)";         KIND[O]=gen;   BS[O]=1; CAP[O]=120
+DESC[L]="E + highres fix from 512 (0.5, 28+24 steps)"; KIND[L]=gen;   BS[L]=1; CAP[L]=120
+DESC[M]="E + highres fix from 768 (0.75, 28+24 steps)"; KIND[M]=gen;  BS[M]=1; CAP[M]=120
+DESC[P]="B + --torch_compile";                         KIND[P]=train; BS[P]=1; CAP[P]=200
+DESC[Q]="D + --torch_compile";                         KIND[Q]=train; BS[Q]=1; CAP[Q]=200
+DESC[R]="C + --torch_compile";                         KIND[R]=train; BS[R]=4; CAP[R]=200
+NAME_H=H_ti_bs1; NAME_I=I_ti_bs4_gc; NAME_N=N_ti_bs1_compile; NAME_J=J_lllite_bs1; NAME_K=K_lllite_bs4
+NAME_O=O_gen_lllite; NAME_L=L_gen_highres_512; NAME_M=M_gen_highres_768
+NAME_P=P_lora_r8_bs1_gc_adafactor_compile; NAME_Q=Q_full_ft_bs1_compile; NAME_R=R_lora_r32_bs4_compile
+TI_COMMON=(); for x in "${COMMON[@]}"; do [ "$x" = --cache_text_encoder_outputs ] || TI_COMMON+=("$x"); done  # TI cannot cache them
+TI=(--token_string anchortok --init_word cat --num_vectors_per_token 4 --use_object_template
+    --optimizer_type AdamW --learning_rate 5e-3)
+LL_COMMON=("${COMMON[@]}")  # the image folder itself (repeats 1): the layout sd-scripts pairs control images in
+for i in "${!LL_COMMON[@]}"; do [ "${LL_COMMON[$i]}" = --train_data_dir ] && LL_COMMON[$((i+1))]="$DATA/10_test"; done
+COND="$W/cond_${IMGSZ}px_${NIMG}"
+LL=(--conditioning_data_dir "$COND" --network_dim 64 --cond_emb_dim 32 --optimizer_type AdamW --learning_rate 2e-4)
+HR_STEPS=28; [ "$SMOKE" = "1" ] && HR_STEPS=$GEN_STEPS
+OURS_PY="$OSITE${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
+case " $CONFIGS " in *" J "*|*" K "*|*" O "*)
+  if [ -d "$DATA/10_test" ]; then
+    $PY "$OURS/bench/anchor_assets.py" cond --images "$DATA/10_test" --out "$COND" || { log "FATAL: control images"; exit 6; }
+  fi ;;
+esac
+retarget() {  # retarget X: CMD's output folder and name become config X's (a variant never reuses its base's)
+  local i
+  for i in "${!CMD[@]}"; do
+    case "${CMD[$i]}" in
+      --output_dir|--outdir) CMD[$((i+1))]="$W/run_${1}_${tool:-kohya}" ;;
+      --output_name) CMD[$((i+1))]="$1" ;;
+    esac
+  done
+}
+lllite_file() {  # the LLLite file O generates with: a file J or K trained (sd-scripts' first), else a random one
+  local f
+  for f in "$W/run_J_kohya/J.safetensors" "$W/run_J_ours/J.safetensors" "$W/run_K_kohya/K.safetensors" \
+           "$W/run_K_ours/K.safetensors"; do
+    [ -f "$f" ] && { log "O: LLLite file $f" >&2; echo "$f"; return; }
+  done
+  f="$W/lllite_random_c32_d64.safetensors"
+  [ -f "$f" ] || PYTHONPATH="$OURS_PY" $PY "$OURS/bench/anchor_assets.py" lllite --out "$f" >&2
+  log "O: LLLite file $f (random weights: no J/K file here)" >&2
+  echo "$f"
+}
+# ---- end of the additions ------------------------------------------------------------------------------------
+'''.strip("\n").splitlines()
+
+cases = r'''
+    H) CMD=(--mode train --script sdxl_train_textual_inversion.py -- "${TI_COMMON[@]}" "${TI[@]}"
+            --train_batch_size 1 --output_dir "$o" --output_name H) ;;
+    I) CMD=(--mode train --script sdxl_train_textual_inversion.py -- "${TI_COMMON[@]}" "${TI[@]}"
+            --train_batch_size 4 --gradient_checkpointing --output_dir "$o" --output_name I) ;;
+    N) cfg_cmd H; retarget N; CMD+=(--torch_compile); return ;;
+    J) CMD=(--mode train --script sdxl_train_control_net_lllite.py -- "${LL_COMMON[@]}" "${LL[@]}"
+            --train_batch_size 1 --output_dir "$o" --output_name J) ;;
+    K) CMD=(--mode train --script sdxl_train_control_net_lllite.py -- "${LL_COMMON[@]}" "${LL[@]}"
+            --train_batch_size 4 --output_dir "$o" --output_name K) ;;
+    O) cfg_cmd E; retarget O; CMD+=(--control_net_lllite_models "$(lllite_file)" --guide_image_path "$COND/img_000.png"); return ;;
+    L) cfg_cmd E; retarget L; CMD+=(--highres_fix_scale 0.5 --highres_fix_steps $HR_STEPS); return ;;
+    M) cfg_cmd E; retarget M; CMD+=(--highres_fix_scale 0.75 --highres_fix_steps $HR_STEPS); return ;;
+    P) cfg_cmd B; retarget P; CMD+=(--torch_compile); return ;;
+    Q) cfg_cmd D; retarget Q; CMD+=(--torch_compile); return ;;
+    R) cfg_cmd C; retarget R; CMD+=(--torch_compile); return ;;
+'''.strip("\n").splitlines()
+
+ours_parse = r'''
+  if [ "$tool" = ours ] && [ "$PARSE_ONLY" = "1" ]; then  # the project's scripts, stopped before the model load
+    if [ -d "$DATA/10_test" ] && [ -f "$CKPT" ]; then
+      PYTHONPATH="$OURS_PY" $PY "$OURS/bench/anchor_parse_ours.py" --proj "$OURS" "${CMD[@]}" > "$W/$NM.parse.log" 2>&1
+      RC=$?; log "parse $c $NM rc=$RC: $(grep -E '^\[parse' "$W/$NM.parse.log")"
+      [ $RC -ne 0 ] && tail -15 "$W/$NM.parse.log"
+    else
+      log "parse $c $NM skipped: no $DATA/10_test or $CKPT (bench/anchor_parse_check.sh makes stand-ins)"
+    fi
+    continue
+  fi
+'''.strip("\n").splitlines()
+
+# sd-scripts' TI script checks the SDXL options with support_text_encoder_caching=False (it has no caching
+# options); the harness' parse mode calls the check with the default, which fails on TI's namespace. The
+# parse runs a copy that passes what the script itself passes (train runs keep kohya_timed.py unchanged).
+kt = (d / "harness" / "kohya_timed.py").read_text()
+call = "sdxl_train_util.verify_sdxl_training_args(args)"
+assert kt.count(call) == 1, "kohya_timed.py layout changed; update bench/anchor_extra.sh"
+(d / "harness" / "kohya_timed_parse.py").write_text(kt.replace(call, "sdxl_train_util.verify_sdxl_training_args("
+    "args, support_text_encoder_caching=hasattr(args, 'cache_text_encoder_outputs_to_disk'))"))
+parse_call = '$PY "$H/kohya_timed.py" --sd "$SD" --stats "$W/$NM.parse.jsonl"'
+
+# (anchor line, where the new lines go, lines, replace the anchor line?)
+edits = [(lambda s: s.startswith("NAME_A="), after_names, False),
+         (lambda s: s.strip().startswith("G) cfg_cmd E;"), cases, False),
+         (lambda s: s.strip() == '[ "$tool" = ours ] && [ "$PARSE_ONLY" = "1" ] && continue', ours_parse, True),
+         (lambda s: parse_call in s, None, True)]
+out, hits = [], [0] * len(edits)
 for line in lines:
-    out.append(line)
-    if line.startswith("NAME_A="):
-        out += extra_desc
-    if line.strip().startswith("G) cfg_cmd E;"):
-        out += extra_case
-assert len(out) == len(lines) + len(extra_desc) + len(extra_case), "run.sh layout changed"
+    done = False
+    for k, (match, new, replace) in enumerate(edits):
+        if match(line):
+            hits[k] += 1
+            if not replace:
+                out.append(line)
+            out += new if new is not None else [line.replace("kohya_timed.py", "kohya_timed_parse.py")]
+            done = True
+            break
+    if not done:
+        out.append(line)
+assert hits == [1] * len(edits), f"run.sh layout changed (anchor lines found {hits} times); update bench/anchor_extra.sh"
 (d / "run_extra.sh").write_text("\n".join(out) + "\n")
+print(f"wrote {d / 'run_extra.sh'}: configs H I N J K O L M P Q R added")
 PY
