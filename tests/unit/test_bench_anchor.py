@@ -14,9 +14,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from anchor_assets import build_cond  # noqa: E402
+from anchor_assets import build_cond
 
-ADDED = "H I N J K O L M P Q R".split()
+ADDED = ["H", "I", "N", "J", "K", "O", "L", "M", "P", "Q", "R"]
 
 
 def _harness() -> Path | None:
@@ -55,11 +55,11 @@ def test_anchor_extra_adds_each_config_once(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "run_extra.sh").read_text()
     assert subprocess.run(["bash", "-n", str(tmp_path / "run_extra.sh")], check=False).returncode == 0
-    letters = re.findall(r"^DESC\[(\w)\]=", text, flags=re.M)
+    letters = re.findall(r"^DESC\[(\w)\]=", text, flags=re.MULTILINE)
     assert len(letters) == len(set(letters)), "a config letter is defined twice"
     assert set(ADDED) <= set(letters)
     for letter in ADDED:
-        assert re.search(rf"^\s+{letter}\) ", text, flags=re.M), f"no case for {letter}"
+        assert re.search(rf"^\s+{letter}\) ", text, flags=re.MULTILINE), f"no case for {letter}"
         assert f"NAME_{letter}=" in text
     assert "kohya_timed_parse.py" in text  # the parse mode runs the TI-aware copy
     parse_copy = (tmp_path / "harness" / "kohya_timed_parse.py").read_text()
