@@ -79,16 +79,17 @@ def unit_latent_ckpt(tmp_path_factory) -> Path:
 
 
 def _eval_losses(models, net, latents, conds) -> tuple[float, float, float]:
-    """Fixed-noise eps loss: trained network with the right conditions, with shifted ones, and without."""
-    from library.diffusion.noise import make_noise_scheduler
+    """Fixed-noise v-prediction loss at t in [300, 1000): trained network with the right control images,
+    with those of the next quadrant, and without the network."""
+    from library.diffusion.noise import make_noise_scheduler, target_for
 
-    sched = make_noise_scheduler(False, False)
+    sched = make_noise_scheduler(True, False)
     g = torch.Generator().manual_seed(123)
-    reps = 6
+    reps = 8
     lat = latents.repeat(reps, 1, 1, 1)
     eps = torch.randn(lat.shape, generator=g)
-    t = torch.randint(0, 1000, (lat.shape[0],), generator=g)
-    noisy = sched.add_noise(lat, eps, t)
+    t = torch.randint(300, 1000, (lat.shape[0],), generator=g)
+    noisy, target = sched.add_noise(lat, eps, t), target_for(sched, lat, eps, t, True)
     ctx = torch.zeros(lat.shape[0], 77, 192)
     added = {"text_embeds": torch.zeros(lat.shape[0], 128),
              "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * lat.shape[0], dtype=torch.float32)}
@@ -97,17 +98,21 @@ def _eval_losses(models, net, latents, conds) -> tuple[float, float, float]:
         net.set_cond_image(None if cond is None else cond.repeat(reps, 1, 1, 1))
         with torch.no_grad():
             pred = models.unet(noisy, t, ctx, added_cond_kwargs=added).sample
-        return float(torch.nn.functional.mse_loss(pred, eps))
+        return float(torch.nn.functional.mse_loss(pred, target))
     return loss(conds), loss(conds.roll(1, 0)), loss(None)
 
 
-def test_lllite_training_lowers_the_loss_and_changes_generation(unit_latent_ckpt, tmp_path):
-    """On the square task the trained network lowers the fixed-noise loss well below the base model's
-    (= the zero-initialised network), and generation through the LLLite hook differs from the base.
+def test_lllite_learns_to_follow_the_condition(unit_latent_ckpt, tmp_path):
+    """Learning is real: on the square task the trained LLLite lowers the loss, and the image generated
+    through the real generation hook (fixed seeds) follows the control image.
 
-    Not shown here (see docs/train_lllite.md): that the *condition* is followed. On the random tiny
-    U-Net, 150-300 CPU steps learn a condition-independent correction; the loss with the right and
-    with shifted control images stays equal.
+    The U-Net is random and frozen, so it cannot denoise: with the usual epsilon target LLLite would have
+    to make it reproduce the noise of its input, which shifting attention inputs cannot do (the condition
+    is then ignored; see docs/train_lllite.md). With --v_parameterization at t >= 300 the target is
+    mostly the image, which LLLite can steer. Metrics, in latent space (the random VAE's decoder draws
+    nothing recognisable): the error of each generation to its condition's target against the base
+    model's generation; which of the four targets each generation is nearest to; and the share of the
+    condition-dependent part of the target (target minus the mean target) the generation reproduces.
     """
     from library.inference.control import LLLiteControl, load_guide_image
     from library.inference.pipeline import SDXLGenerator
@@ -115,32 +120,54 @@ def test_lllite_training_lowers_the_loss_and_changes_generation(unit_latent_ckpt
     from library.models.tokenizers import load_tokenizers
     from networks.control_net_lllite import load_for_inference
 
-    data, cond = write_square_task(tmp_path)
+    data, cond = write_square_task(tmp_path)  # 10 repeats: 40 samples an epoch, batches of 16
     out = tmp_path / "out"
-    script.main(base_args(unit_latent_ckpt, data, cond, out, 100, "--learning_rate", "1e-2",
-                          "--train_batch_size", "4"))
+    r = run_main("sdxl_train_control_net_lllite.py",
+                 base_args(unit_latent_ckpt, data, cond, out, 100, "--learning_rate", "1e-2", "--train_batch_size",
+                           "16", "--v_parameterization", "--min_timestep", "300",
+                           "--network_args", "skip_output_blocks=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
     models = load_sdxl(unit_latent_ckpt, dtype=torch.float32)
     net = load_for_inference(out / "lllite.safetensors", models.unet)
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(data / "10_square" / f"q{q}.png"), np.float32))
                           .permute(2, 0, 1) / 127.5 - 1 for q in range(QUADRANTS)])
     with torch.no_grad():
-        latents = models.vae.encode(images).latent_dist.mean * 0.13025
+        targets = models.vae.encode(images).latent_dist.mean * 0.13025
     conds = torch.stack([load_guide_image(cond / f"q{q}.png", 64, 64) for q in range(QUADRANTS)])
-    right, shifted, base = _eval_losses(models, net, latents, conds)
-    assert right < base - 0.05, (right, shifted, base)  # base = zero-initialised LLLite = the plain U-Net
+    right, shifted, base = _eval_losses(models, net, targets, conds)
+    assert right < 0.85 * base and right < 0.95 * shifted, (right, shifted, base)
 
-    gen = SDXLGenerator.from_models(models, load_tokenizers(None))
+    gen = SDXLGenerator.from_models(models, load_tokenizers(None), v_parameterization=True)
     control = LLLiteControl([net], [1.0], [1.0])
     gen.unet_hooks.append(control)
 
-    def generate() -> torch.Tensor:
-        return gen.generate(["a square"], width=64, height=64, steps=4, guidance_scale=1.0, seeds=[7],
-                            output_type="latent")
-    plain = generate()
-    control.set_images([conds[0]], "cpu", torch.float32)
-    steered = generate()
-    control.clear()
-    assert (steered - plain).abs().max() > 1e-2 and torch.equal(generate(), plain)
+    def generate(seed: int, q: int | None) -> torch.Tensor:
+        if q is not None:
+            control.set_images([conds[q]], "cpu", torch.float32)
+        try:
+            return gen.generate(["a square"], width=64, height=64, steps=3, guidance_scale=1.0, seeds=[seed],
+                                sampler="euler_a", output_type="latent")[0]
+        finally:
+            control.clear()
+
+    def mse(a, b) -> float:
+        return float((a - b).pow(2).mean())
+
+    specific = targets - targets.mean(0)
+    own, plain_err, shares = [], [], []
+    for seed in (0, 1):
+        plain = generate(seed, None)
+        steered = torch.stack([generate(seed, q) for q in range(QUADRANTS)])
+        for q in range(QUADRANTS):
+            errors = [mse(steered[q], targets[k]) for k in range(QUADRANTS)]
+            assert min(range(QUADRANTS), key=errors.__getitem__) == q, (seed, q, errors)
+            own.append(errors[q])
+            plain_err.append(mse(plain, targets[q]))
+            part = steered[q] - steered.mean(0)
+            shares.append(float((part * specific[q]).sum() / specific[q].pow(2).sum()))
+    assert np.mean(own) < 0.6 * np.mean(plain_err), (own, plain_err)
+    assert min(shares) > 0.15, shares  # the base model's share is 0: it ignores the control image
+    assert torch.equal(generate(1, None), plain)  # clear() switches the network off again
 
 
 def test_accelerate_launch_then_generate_with_lora(tiny_ckpt, tmp_path):
