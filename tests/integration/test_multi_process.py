@@ -1,7 +1,7 @@
 """Trainers under ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo), against one process.
 
-Three two-process launches in all (each costs two interpreter starts and two model loads):
-LoRA straight, LoRA resumed, full fine-tune. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
+Five two-process launches in all (each costs two interpreter starts and two model loads):
+LoRA straight, LoRA resumed, full fine-tune, textual inversion, ControlNet-LLLite. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
 write the hash of its trained weights after every optimizer step, so "identical on both processes
 after every step" is checked step by step, not only at the end.
 """
@@ -169,3 +169,56 @@ def test_full_finetune_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-7, msg=k)
     meta = metadata(out2 / "ft.safetensors")
     assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"]) == ("2", "4")
+
+
+def test_textual_inversion_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    """The token vectors (unwrapped, averaged by the loop) in template mode: templates follow the batch,
+    not the process, so two processes train what one process accumulating the same batches trains."""
+    data = copy_data(tiny_model_dir, tmp_path / "d")
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir", str(data), *DATA,
+            "--output_name", "sks", "--token_string", "sks", "--init_word", "circle", "--num_vectors_per_token", "2",
+            "--use_object_template", "--learning_rate", "5e-3", "--max_train_steps", "3", "--cache_latents",
+            "--save_model_as", "safetensors"]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    r = launch_two("sdxl_train_textual_inversion.py", [*args, "--output_dir", str(out2)], tmp_path / "h",
+                   monkeypatch)
+    run_one("sdxl_train_textual_inversion.py", [*args, "--output_dir", str(out1), "--gradient_accumulation_steps", "2"])
+    assert "training on 2 process(es), MULTI_CPU (gradients averaged by the loop)" in r.stderr
+    rank0, rank1 = step_hashes(tmp_path / "h")
+    assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "sks.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["sks.safetensors"]
+    a, b = load_file(out1 / "sks.safetensors"), load_file(out2 / "sks.safetensors")
+    assert set(a) == set(b) == {"clip_l", "clip_g"}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    meta = metadata(out2 / "sks.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "3")
+    assert int(metadata(out1 / "sks.safetensors")["ss_num_batches_per_epoch"]) == 2 * int(meta["ss_num_batches_per_epoch"])
+
+
+def test_lllite_two_processes_equal_one_process(tiny_ckpt, tmp_path, monkeypatch):
+    """ControlNet-LLLite (unwrapped, averaged by the loop): each process's conditioning images travel with
+    its images (a different control square per image), so both match one process with the same batches."""
+    from tests.integration.test_train_lllite import base_args, write_square_task
+
+    data, cond = write_square_task(tmp_path)
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    common = ["--learning_rate", "1e-3", "--train_batch_size", "2", "--enable_bucket", "--min_bucket_reso", "32",
+              "--max_bucket_reso", "128", "--bucket_reso_steps", "32"]
+    r = launch_two("sdxl_train_control_net_lllite.py", base_args(tiny_ckpt, data, cond, out2, 3, *common),
+                   tmp_path / "h", monkeypatch)
+    run_one("sdxl_train_control_net_lllite.py",
+            base_args(tiny_ckpt, data, cond, out1, 3, *common, "--gradient_accumulation_steps", "2"))
+    assert "training on 2 process(es), MULTI_CPU (gradients averaged by the loop)" in r.stderr
+    rank0, rank1 = step_hashes(tmp_path / "h")
+    assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "lllite.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["lllite.safetensors"]
+    a, b = load_file(out1 / "lllite.safetensors"), load_file(out2 / "lllite.safetensors")
+    assert a.keys() == b.keys()
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("up.0.weight"))  # trained (up starts at 0)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    meta = metadata(out2 / "lllite.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "3")
