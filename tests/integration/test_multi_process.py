@@ -222,3 +222,66 @@ def test_lllite_two_processes_equal_one_process(tiny_ckpt, tmp_path, monkeypatch
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
     meta = metadata(out2 / "lllite.safetensors")
     assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "3")
+
+
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer",
+        "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+
+
+def test_fsdp2_two_processes_equal_one_process_and_diffusers_loads(tiny_ckpt, tiny_diffusers, tiny_model_dir, tmp_path):
+    """sdxl_train.py with the U-Net and both text encoders sharded by accelerate's FSDP2 plugin on two CPU
+    processes (tests/fsdp_on_cpu.py lifts accelerate's GPU-only switch; the sharding is torch's own).
+    The gathered checkpoint equals one process accumulating the same batches and loads in diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from library.models.checkpoint_io import load_sdxl
+
+    data = copy_data(tiny_model_dir, tmp_path / "d")
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir", str(data), *DATA,
+            "--output_name", "ft", "--max_train_steps", "2", "--learning_rate", "1e-4", "--train_text_encoder",
+            "--learning_rate_te1", "1e-5", "--learning_rate_te2", "1e-5", "--optimizer_type", "AdamW"]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "tests/fsdp_on_cpu.py", "sdxl_train.py", *args, "--output_dir", str(out2)]
+    r = run_script(cmd, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run_one("sdxl_train.py", [*args, "--output_dir", str(out1), "--gradient_accumulation_steps", "2"])
+    assert "training on 2 process(es), FSDP (FSDP)" in r.stderr
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
+    a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(tiny_ckpt)
+    assert a.keys() == b.keys() == base.keys()
+    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+        keys = [k for k in a if k.startswith(prefix)]
+        assert any(not torch.equal(b[k], base[k]) for k in keys), prefix  # trained
+        for k in keys:  # AdamW steps of 1e-4: the reduce-scatter sums in another order (~2e-6 apart)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-6, msg=k)
+    meta = metadata(out2 / "ft.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "2")
+
+    pipe = StableDiffusionXLPipeline.from_single_file(str(out2 / "ft.safetensors"), config=str(tiny_diffusers))
+    ours = load_sdxl(out2 / "ft.safetensors")
+    for mine, theirs in ((ours.unet, pipe.unet), (ours.text_encoder1, pipe.text_encoder),
+                         (ours.text_encoder2, pipe.text_encoder_2)):
+        theirs_state = theirs.state_dict()
+        for k, v in mine.state_dict().items():
+            assert torch.equal(v, theirs_state[k]), k
+
+
+def test_fsdp_that_accelerate_did_not_set_up_is_one_line(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    """--use_fsdp where accelerate sets up no FSDP (here: one process, no GPU) stops before the model
+    loads, instead of training unsharded."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    out = tmp_path / "out"
+    r = run_main("sdxl_train.py", ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir",
+                                   str(tiny_model_dir / "train"), *DATA, "--output_dir", str(out),
+                                   "--max_train_steps", "1"])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: accelerate launch --use_fsdp: accelerate set up NO, not FSDP (accelerate 1.15.0 applies "
+                     "its FSDP plugin only to GPU processes); on the CPU train with accelerate launch --multi_gpu "
+                     "instead"], r.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())  # nothing written (the output folder checked, left empty)
