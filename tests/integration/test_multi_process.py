@@ -281,7 +281,7 @@ def test_fsdp_that_accelerate_did_not_set_up_is_one_line(tiny_ckpt, tiny_model_d
                                    "--max_train_steps", "1"])
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert lines == ["error: accelerate launch --use_fsdp: accelerate set up NO, not FSDP (accelerate 1.15.0 applies "
-                     "its FSDP plugin only to GPU processes); on the CPU train with accelerate launch --multi_gpu "
-                     "instead"], r.stderr[-2000:]
+    expected = ("error: accelerate launch --use_fsdp: accelerate set up NO, not FSDP (accelerate 1.15.0 applies its "
+                "FSDP plugin only to GPU processes); on the CPU train with accelerate launch --multi_gpu instead")
+    assert lines == [expected], r.stderr[-2000:]
     assert not out.exists() or not any(out.iterdir())  # nothing written (the output folder checked, left empty)
