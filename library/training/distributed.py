@@ -22,11 +22,12 @@ Every trainer gets this through :class:`library.training.trainer.Trainer`, whate
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,28 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+@contextlib.contextmanager
+def plain_model_construction(accelerator: Any) -> Iterator[None]:
+    """Models built inside are plain modules, also under DeepSpeed ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers, which then builds every text encoder
+    inside ``deepspeed.zero.Init`` (partitioned as it is constructed) under ZeRO-3; our loader builds
+    on the meta device and assigns the file's weights, which a partitioned module cannot take. The
+    models are loaded whole and the engine partitions them at ``prepare``.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def check_launch(accelerator: Any) -> None:
     """UserError when FSDP was asked for but accelerate set up something else (it would train unsharded)."""
     kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
@@ -356,9 +379,10 @@ def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, 
         except ImportError:
             raise UserError("--deepspeed needs the DeepSpeed package: pip install -e .[deepspeed] "
                             "(or pip install deepspeed)") from None
-        if not torch.cuda.is_available():
-            raise UserError("--deepspeed needs CUDA GPUs (accelerate runs DeepSpeed only on GPUs); on the CPU "
-                            "launch with accelerate launch --multi_gpu and without --deepspeed")
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--deepspeed with several processes needs CUDA GPUs (accelerate 1.15 forms no DeepSpeed "
+                            "process group on the CPU); on the CPU launch with accelerate launch --multi_gpu and "
+                            "without --deepspeed")
     if method_kind != "checkpoint":
         raise UserError(f"{sharding} shards full fine-tuning (sdxl_train.py); adapters are small enough for "
                         "plain multi-GPU training: accelerate launch --multi_gpu, without it")
