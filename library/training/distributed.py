@@ -22,11 +22,12 @@ Every trainer gets this through :class:`library.training.trainer.Trainer`, whate
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def is_sharded(accelerator: Any) -> bool:
 
 
 class TrainedModules(torch.nn.Module):
-    """The trained modules as one module: DeepSpeed takes exactly one model per engine.
+    """The trained modules as one module: DeepSpeed (and accelerate's FSDP2) take one model.
 
     The step keeps calling the inner modules directly; ZeRO's gradient and parameter hooks sit on
     the parameters and submodules, so they fire all the same.
@@ -184,6 +185,48 @@ class TrainedModules(torch.nn.Module):
 
     def forward(self, *args, **kwargs):  # never called: the step uses the inner modules
         raise RuntimeError("TrainedModules only groups modules for DeepSpeed; call the inner modules")
+
+
+def fsdp_group(accelerator: Any, modules: Sequence[torch.nn.Module]) -> TrainedModules:
+    """The trained modules as one model for FSDP, each of them an FSDP unit of its own.
+
+    accelerate's FSDP2 takes one model per ``prepare``, and the step calls the U-Net and the text
+    encoders directly, never the group: a module's weights are gathered by its own unit's forward
+    hook, so every trained module must be a unit (weights left to the group's root unit would stay
+    sharded). The layer classes of ``--fsdp_transformer_layer_cls_to_wrap`` are kept where they occur
+    in the trained modules (a text-encoder layer class is simply unused when only the U-Net trains).
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP: use FSDP2 (accelerate launch --use_fsdp --fsdp_version 2); FSDP1 is not supported")
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if policy not in (None, transformer_auto_wrap_policy):
+        raise UserError("FSDP: --fsdp_auto_wrap_policy must be TRANSFORMER_BASED_WRAP (or NO_WRAP): the U-Net and "
+                        "text encoders are wrapped by layer class")
+    present = {type(m).__name__ for module in modules for m in module.modules()}
+    listed = plugin.transformer_cls_names_to_wrap
+    if listed is None:  # accelerate's default: the models' own _no_split_modules
+        listed = [n for module in modules for n in (getattr(module, "_no_split_modules", None) or [])]
+    names = [n for n in dict.fromkeys(listed) if n in present]
+    names += [type(m).__name__ for m in modules if type(m).__name__ not in names]
+    plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, names
+    return TrainedModules(modules)
+
+
+def _keep_output_capture(modules: Sequence[torch.nn.Module]) -> None:
+    """FSDP2 swaps each sharded module's class for a subclass; transformers looks up what a model may
+    record (``output_hidden_states``) by the class's name, so a sharded CLIP text encoder would return
+    no hidden states. Register the swapped classes under the same entries."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # another transformers: nothing to do
+        return
+    for module in modules:
+        for sub in module.modules():
+            if getattr(sub, "_can_record_outputs", None) is not None and not _CAN_RECORD_REGISTRY.get(sub):
+                _CAN_RECORD_REGISTRY[sub] = sub._can_record_outputs
 
 
 def prepare(accelerator: Any, method: Any, modules: list[torch.nn.Module], optimizer, loader, scheduler,
@@ -200,10 +243,14 @@ def prepare(accelerator: Any, method: Any, modules: list[torch.nn.Module], optim
                else "DDP" if uses_wrappers(accelerator, method, fused) else "gradients averaged by the loop")
         logger.info("training on %d process(es), %s (%s)", accelerator.num_processes, kind.split(".")[-1],
                     how if accelerator.num_processes > 1 else "no gradient sync needed")
-    if "DEEPSPEED" in kind:
-        engine, optimizer, loader, scheduler = accelerator.prepare(TrainedModules(modules), optimizer, loader,
-                                                                   scheduler)
+    if "DEEPSPEED" in kind or "FSDP" in kind:
+        group = TrainedModules(modules) if "DEEPSPEED" in kind else fsdp_group(accelerator, modules)
+        engine, optimizer, loader, scheduler = accelerator.prepare(group, optimizer, loader, scheduler)
         inner = list(accelerator.unwrap_model(engine).inner)
+        if "FSDP" in kind:
+            _keep_output_capture(inner)
+            for module in inner:  # the step reads some weights after the forward (TE2's text_projection)
+                module.set_reshard_after_forward(False, recurse=False)
         return inner, optimizer, loader, scheduler, None, engine
     if uses_wrappers(accelerator, method, fused):
         prepared = accelerator.prepare(*modules, optimizer, loader, scheduler)
@@ -284,6 +331,43 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+@contextlib.contextmanager
+def plain_model_construction(accelerator: Any) -> Iterator[None]:
+    """Models built inside are plain modules, also under DeepSpeed ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers, which then builds every text encoder
+    inside ``deepspeed.zero.Init`` (partitioned as it is constructed) under ZeRO-3; our loader builds
+    on the meta device and assigns the file's weights, which a partitioned module cannot take. The
+    models are loaded whole and the engine partitions them at ``prepare``.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def check_launch(accelerator: Any) -> None:
+    """UserError when FSDP was asked for but accelerate set up something else (it would train unsharded)."""
+    kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
+    if fsdp_requested() and kind not in ("FSDP", "DEEPSPEED"):
+        raise UserError(f"accelerate launch --use_fsdp: accelerate set up {kind}, not FSDP (accelerate {_version()} "
+                        "applies its FSDP plugin only to GPU processes); on the CPU train with accelerate launch "
+                        "--multi_gpu instead")
+
+
+def _version() -> str:
+    import accelerate
+
+    return accelerate.__version__
+
+
 def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, ema: bool = False) -> None:
     """UserError for distributed options that cannot work, before any model is loaded."""
     sharding = "--deepspeed" if deepspeed else "FSDP (accelerate launch --use_fsdp)" if fsdp_requested() else None
@@ -295,9 +379,10 @@ def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, 
         except ImportError:
             raise UserError("--deepspeed needs the DeepSpeed package: pip install -e .[deepspeed] "
                             "(or pip install deepspeed)") from None
-        if not torch.cuda.is_available():
-            raise UserError("--deepspeed needs CUDA GPUs (accelerate runs DeepSpeed only on GPUs); on the CPU "
-                            "launch with accelerate launch --multi_gpu and without --deepspeed")
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--deepspeed with several processes needs CUDA GPUs (accelerate 1.15 forms no DeepSpeed "
+                            "process group on the CPU); on the CPU launch with accelerate launch --multi_gpu and "
+                            "without --deepspeed")
     if method_kind != "checkpoint":
         raise UserError(f"{sharding} shards full fine-tuning (sdxl_train.py); adapters are small enough for "
                         "plain multi-GPU training: accelerate launch --multi_gpu, without it")

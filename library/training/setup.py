@@ -19,6 +19,7 @@ from library.diffusion.conditioning import TextConditioner
 from library.models.checkpoint_io import load_sdxl
 from library.models.sdxl import SDXLModels
 from library.models.tokenizers import load_tokenizers
+from library.training import distributed
 from library.training.config import TrainConfig
 from library.training.trainer import DTYPES, TrainingRun, make_accelerator
 
@@ -160,8 +161,9 @@ def create_run(cfg: TrainConfig, data) -> TrainingRun:
         set_seed(cfg.seed)
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     load_device = acc.device if cfg.lowram else "cpu"
-    models: SDXLModels = load_sdxl(cfg.pretrained_model_name_or_path, dtype=torch.float32, device=load_device,
-                                   vae=cfg.vae, mmap=not cfg.disable_mmap_load_safetensors)
+    with distributed.plain_model_construction(acc):  # ZeRO-3 partitions them at prepare, not while loading
+        models: SDXLModels = load_sdxl(cfg.pretrained_model_name_or_path, dtype=torch.float32, device=load_device,
+                                       vae=cfg.vae, mmap=not cfg.disable_mmap_load_safetensors)
     tok1, tok2 = load_tokenizers(cfg.tokenizer_cache_dir)
     conditioner = TextConditioner(tok1, tok2, models.text_encoder1, models.text_encoder2, cfg.max_token_length)
     run = TrainingRun(cfg=cfg, models=models, conditioner=conditioner, data=data, accelerator=acc,

@@ -29,6 +29,7 @@ from library.errors import UserError
 from library.models.checkpoint_io import save_dtype
 from library.models.embedding_file import read_embedding, write_embedding
 from library.models.metadata import modelspec_metadata, tensor_payload_hashes
+from library.training.distributed import batch_index
 from library.training.methods import common_metadata
 from library.training.trainer import TrainingRun
 
@@ -244,8 +245,11 @@ class TextualInversionMethod:
         templates = self.opts.templates
         if templates is None:
             return [c.replace(self.opts.token_string, replacement) for c in captions]
-        p, seed = self.run.progress, self.run.cfg.seed or 0
-        key = f"ti-template:{seed}:{p.epoch if p else 0}:{p.step_in_epoch if p else 0}"
+        p, seed, acc = self.run.progress, self.run.cfg.seed or 0, self.run.accelerator
+        # keyed by the batch's place in the epoch's order (not the process's own count), so N processes
+        # pick the templates one process picks for the same batches
+        where = batch_index(p.step_in_epoch, acc.process_index, acc.num_processes) if p else 0
+        key = f"ti-template:{seed}:{p.epoch if p else 0}:{where}"
         return [random.Random(f"{key}:{i}").choice(templates).format(replacement) for i in range(len(captions))]
 
     # ---- the loop's protocol --------------------------------------------------------------------

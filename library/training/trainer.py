@@ -92,6 +92,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                       mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else "no",
                       log_with=log_with, project_dir=cfg.logging_dir, **distributed.accelerator_kwargs(cfg))
     check_mixed_precision_device(cfg.mixed_precision, acc.device.type)  # before any model loads
+    distributed.check_launch(acc)
     return acc
 
 

@@ -1,13 +1,14 @@
 """Trainers under ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo), against one process.
 
-Three two-process launches in all (each costs two interpreter starts and two model loads):
-LoRA straight, LoRA resumed, full fine-tune. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
+Five two-process launches in all (each costs two interpreter starts and two model loads):
+LoRA straight, LoRA resumed, full fine-tune, textual inversion, ControlNet-LLLite. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
 write the hash of its trained weights after every optimizer step, so "identical on both processes
 after every step" is checked step by step, not only at the end.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import shutil
@@ -169,3 +170,120 @@ def test_full_finetune_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-7, msg=k)
     meta = metadata(out2 / "ft.safetensors")
     assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"]) == ("2", "4")
+
+
+def test_textual_inversion_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    """The token vectors (unwrapped, averaged by the loop) in template mode: templates follow the batch,
+    not the process, so two processes train what one process accumulating the same batches trains."""
+    data = copy_data(tiny_model_dir, tmp_path / "d")
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir", str(data), *DATA,
+            "--output_name", "sks", "--token_string", "sks", "--init_word", "circle", "--num_vectors_per_token", "2",
+            "--use_object_template", "--learning_rate", "5e-3", "--max_train_steps", "3", "--cache_latents",
+            "--save_model_as", "safetensors"]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    r = launch_two("sdxl_train_textual_inversion.py", [*args, "--output_dir", str(out2)], tmp_path / "h",
+                   monkeypatch)
+    run_one("sdxl_train_textual_inversion.py", [*args, "--output_dir", str(out1), "--gradient_accumulation_steps", "2"])
+    assert "training on 2 process(es), MULTI_CPU (gradients averaged by the loop)" in r.stderr
+    rank0, rank1 = step_hashes(tmp_path / "h")
+    assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "sks.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["sks.safetensors"]
+    a, b = load_file(out1 / "sks.safetensors"), load_file(out2 / "sks.safetensors")
+    assert set(a) == set(b) == {"clip_l", "clip_g"}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    meta = metadata(out2 / "sks.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "3")
+    assert int(metadata(out1 / "sks.safetensors")["ss_num_batches_per_epoch"]) == 2 * int(meta["ss_num_batches_per_epoch"])
+
+
+def test_lllite_two_processes_equal_one_process(tiny_ckpt, tmp_path, monkeypatch):
+    """ControlNet-LLLite (unwrapped, averaged by the loop): each process's conditioning images travel with
+    its images (a different control square per image), so both match one process with the same batches."""
+    from tests.integration.test_train_lllite import base_args, write_square_task
+
+    data, cond = write_square_task(tmp_path)
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    common = ["--learning_rate", "1e-3", "--train_batch_size", "2", "--enable_bucket", "--min_bucket_reso", "32",
+              "--max_bucket_reso", "128", "--bucket_reso_steps", "32"]
+    r = launch_two("sdxl_train_control_net_lllite.py", base_args(tiny_ckpt, data, cond, out2, 3, *common),
+                   tmp_path / "h", monkeypatch)
+    run_one("sdxl_train_control_net_lllite.py",
+            base_args(tiny_ckpt, data, cond, out1, 3, *common, "--gradient_accumulation_steps", "2"))
+    assert "training on 2 process(es), MULTI_CPU (gradients averaged by the loop)" in r.stderr
+    rank0, rank1 = step_hashes(tmp_path / "h")
+    assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "lllite.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["lllite.safetensors"]
+    a, b = load_file(out1 / "lllite.safetensors"), load_file(out2 / "lllite.safetensors")
+    assert a.keys() == b.keys()
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("up.0.weight"))  # trained (up starts at 0)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    meta = metadata(out2 / "lllite.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "3")
+
+
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "BasicTransformerBlock,ResnetBlock2D,CLIPEncoderLayer",
+        "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+
+
+def test_fsdp2_two_processes_equal_one_process_and_diffusers_loads(tiny_ckpt, tiny_diffusers, tiny_model_dir, tmp_path):
+    """sdxl_train.py with the U-Net and both text encoders sharded by accelerate's FSDP2 plugin on two CPU
+    processes (tests/fsdp_on_cpu.py lifts accelerate's GPU-only switch; the sharding is torch's own).
+    The gathered checkpoint equals one process accumulating the same batches and loads in diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from library.models.checkpoint_io import load_sdxl
+
+    data = copy_data(tiny_model_dir, tmp_path / "d")
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir", str(data), *DATA,
+            "--output_name", "ft", "--max_train_steps", "2", "--learning_rate", "1e-4", "--train_text_encoder",
+            "--learning_rate_te1", "1e-5", "--learning_rate_te2", "1e-5", "--optimizer_type", "AdamW"]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "tests/fsdp_on_cpu.py", "sdxl_train.py", *args, "--output_dir", str(out2)]
+    r = run_script(cmd, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run_one("sdxl_train.py", [*args, "--output_dir", str(out1), "--gradient_accumulation_steps", "2"])
+    assert "training on 2 process(es), FSDP (FSDP)" in r.stderr
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
+    a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(tiny_ckpt)
+    assert a.keys() == b.keys() == base.keys()
+    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+        keys = [k for k in a if k.startswith(prefix)]
+        assert any(not torch.equal(b[k], base[k]) for k in keys), prefix  # trained
+        for k in keys:  # AdamW steps of 1e-4: the reduce-scatter sums in another order (~2e-6 apart)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-6, msg=k)
+    meta = metadata(out2 / "ft.safetensors")
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "2")
+
+    pipe = StableDiffusionXLPipeline.from_single_file(str(out2 / "ft.safetensors"), config=str(tiny_diffusers))
+    ours = load_sdxl(out2 / "ft.safetensors")
+    for mine, theirs in ((ours.unet, pipe.unet), (ours.text_encoder1, pipe.text_encoder),
+                         (ours.text_encoder2, pipe.text_encoder_2)):
+        theirs_state = theirs.state_dict()
+        for k, v in mine.state_dict().items():
+            assert torch.equal(v, theirs_state[k]), k
+
+
+def test_fsdp_that_accelerate_did_not_set_up_is_one_line(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    """--use_fsdp where accelerate sets up no FSDP (here: one process, no GPU) stops before the model
+    loads, instead of training unsharded."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    out = tmp_path / "out"
+    r = run_main("sdxl_train.py", ["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir",
+                                   str(tiny_model_dir / "train"), *DATA, "--output_dir", str(out),
+                                   "--max_train_steps", "1"])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    version = importlib.metadata.version("accelerate")
+    expected = (f"error: accelerate launch --use_fsdp: accelerate set up NO, not FSDP (accelerate {version} applies "
+                "its FSDP plugin only to GPU processes); on the CPU train with accelerate launch --multi_gpu instead")
+    assert lines == [expected], r.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())  # nothing written (the output folder checked, left empty)
