@@ -423,6 +423,8 @@ def deepspeed_plugin(cfg: Any):
         offload_param_device=cfg.offload_param_device or "none",
         offload_param_nvme_path=cfg.offload_param_nvme_path,
         zero3_init_flag=cfg.zero3_init_flag, zero3_save_16bit_model=cfg.zero3_save_16bit_model)
+    if not cfg.max_grad_norm:  # accelerate >= 1.16 writes 0.0; say "no clipping" the same way on every version
+        plugin.deepspeed_config.pop("gradient_clipping", None)
     if cfg.mixed_precision == "fp16" and cfg.fp16_master_weights_and_gradients:
         # sd-scripts' option; DeepSpeed supports it with ZeRO-Offload (CPU Adam) at stage 2 only
         plugin.deepspeed_config["fp16"] = {"enabled": True, "fp16_master_weights_and_grads": True}
