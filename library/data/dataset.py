@@ -54,10 +54,9 @@ from library.config.dataset_toml import (
 from library.data.buckets import BucketAssignment, BucketManager, bucket_batches, bucket_summary, crop_for
 from library.data.cachers import CacheRunReport, LatentCacheOptions, TextEncoderCacheOptions
 from library.data.captions import CaptionOptions, process_caption
+from library.data.cache_state import LatentCacheState, TextEncoderCacheState
 from library.data.dataset_items import (
     ImageItem,
-    LatentCacheState,
-    TextEncoderCacheState,
     balance_reg_repeats,
     count_tags,
     list_subset,

@@ -46,8 +46,8 @@ def conditioning_for(batch: dict, device: torch.device) -> torch.Tensor:
     """The batch's conditioning images (dataset range [0, 1]) as the network's [-1, 1] input."""
     cond = batch.get("conditioning_images")
     if cond is None:
-        raise UserError(f"the batch of {batch.get('image_paths')} has no conditioning images; every subset needs "
-                        "conditioning_data_dir for ControlNet-LLLite")
+        raise UserError("a training batch has no conditioning images; every subset needs conditioning_data_dir "
+                        "for ControlNet-LLLite")
     return cond.to(device, torch.float32) * 2.0 - 1.0
 
 

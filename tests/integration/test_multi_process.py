@@ -147,6 +147,20 @@ def test_lora_two_processes_equal_one_process_and_resume_exactly(tiny_ckpt, tiny
     assert metadata(out3 / "lora.safetensors")["ss_steps"] == "4"
 
 
+def assert_one_checkpoint_equal(r, out1: Path, out2: Path, base_ckpt: Path, atol: float) -> None:
+    """The two-process run (``r``, into ``out2``) wrote one checkpoint, trained every part, and equals the
+    one-process checkpoint in ``out1`` within ``atol``."""
+    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
+    assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
+    a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(base_ckpt)
+    assert a.keys() == b.keys() == base.keys()
+    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+        keys = [k for k in a if k.startswith(prefix)]
+        assert any(not torch.equal(b[k], base[k]) for k in keys), prefix  # trained
+        for k in keys:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=atol, msg=k)
+
+
 def test_full_finetune_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
     """sdxl_train.py: the U-Net and both text encoders under DDP, against one process accumulating 2 batches."""
     data = copy_data(tiny_model_dir, tmp_path / "d")
@@ -159,15 +173,7 @@ def test_full_finetune_two_processes_equal_one_process(tiny_ckpt, tiny_model_dir
     assert "training on 2 process(es), MULTI_CPU (DDP)" in r.stderr
     rank0, rank1 = step_hashes(tmp_path / "h")
     assert rank0 == rank1 and len(rank0) == 3 and len({line.split()[1] for line in rank0}) == 3
-    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
-    assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
-    a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(tiny_ckpt)
-    assert a.keys() == b.keys() == base.keys()
-    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
-        keys = [k for k in a if k.startswith(prefix)]
-        assert any(not torch.equal(a[k], base[k]) for k in keys), prefix  # trained
-        for k in keys:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-7, msg=k)
+    assert_one_checkpoint_equal(r, out1, out2, tiny_ckpt, atol=1e-7)
     meta = metadata(out2 / "ft.safetensors")
     assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"]) == ("2", "4")
 
@@ -250,15 +256,8 @@ def test_fsdp2_two_processes_equal_one_process_and_diffusers_loads(tiny_ckpt, ti
     assert r.returncode == 0, r.stderr[-4000:]
     run_one("sdxl_train.py", [*args, "--output_dir", str(out1), "--gradient_accumulation_steps", "2"])
     assert "training on 2 process(es), FSDP (FSDP)" in r.stderr
-    assert re.findall(r"^saved (.*)$", r.stdout, flags=re.MULTILINE) == [str(out2 / "ft.safetensors")]
-    assert [p.name for p in out2.iterdir()] == ["ft.safetensors"]
-    a, b, base = load_file(out1 / "ft.safetensors"), load_file(out2 / "ft.safetensors"), load_file(tiny_ckpt)
-    assert a.keys() == b.keys() == base.keys()
-    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
-        keys = [k for k in a if k.startswith(prefix)]
-        assert any(not torch.equal(b[k], base[k]) for k in keys), prefix  # trained
-        for k in keys:  # AdamW steps of 1e-4: the reduce-scatter sums in another order (~2e-6 apart)
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-6, msg=k)
+    # AdamW steps of 1e-4: the reduce-scatter sums in another order (~2e-6 apart)
+    assert_one_checkpoint_equal(r, out1, out2, tiny_ckpt, atol=5e-6)
     meta = metadata(out2 / "ft.safetensors")
     assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"], meta["ss_steps"]) == ("2", "4", "2")
 
