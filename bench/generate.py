@@ -1,10 +1,12 @@
 """GPU benchmark of generation: 1024x1024, 30 steps, CFG 7, euler_a, bf16, full-size random-weight SDXL.
 
-    python bench/generate.py [--images 3] [--compile]
+    python bench/generate.py [--images 3] [--compile] [--no_diffusers]
 
 Times our ``SDXLGenerator`` and diffusers' ``StableDiffusionXLPipeline`` on the same modules in the
 same process (prompt encoding, 30 denoising steps with CFG, VAE decode), one image at a time;
-median seconds per image after one warm-up image, and peak GPU memory.
+median seconds per image after one warm-up image, and peak GPU memory. Ours runs eagerly, with the
+U-Net calls replayed as CUDA graphs (what ``sdxl_gen_img.py`` does by default), and graphed with the
+U-Net in channels_last; the graphed final latents are compared with the eager ones (same seed).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=3, help="timed images per variant")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the U-Net")
+    p.add_argument("--no_diffusers", action="store_true", help="time only ours")
     p.add_argument("--dynamo_mode", default=None, help="torch.compile mode for --compile")
     args = p.parse_args()
     models = build_random("base", device="cuda", dtype=torch.bfloat16)
@@ -64,20 +67,32 @@ def main() -> None:
 
     ours = SDXLGenerator.from_models(models, tokenizers, dtype=torch.bfloat16, device="cuda")
 
-    def run_ours(seed: int):
-        ours.generate([PROMPT], [NEGATIVE], width=1024, height=1024, steps=30, guidance_scale=7.0,
-                      sampler="euler_a", seeds=[seed])
+    def run_ours(seed: int, output_type: str = "pil"):
+        return ours.generate([PROMPT], [NEGATIVE], width=1024, height=1024, steps=30, guidance_scale=7.0,
+                             sampler="euler_a", seeds=[seed], output_type=output_type)
 
-    # diffusers first, ours second, diffusers again: the order effect shows in the two diffusers rows
-    for label, fn in (("diffusers StableDiffusionXLPipeline", run_diffusers), ("ours (eager)", run_ours),
-                      ("diffusers StableDiffusionXLPipeline (again)", run_diffusers)):
+    def add(label: str, fn) -> None:
         med, peak = timed(fn, args.images)
         rows.append({"pipeline": label, "s_per_image": round(med, 3), "peak_gib": round(peak, 2)})
+
+    if not args.no_diffusers:  # diffusers first and again last: the order effect shows in the two rows
+        add("diffusers StableDiffusionXLPipeline", run_diffusers)
+    add("ours (eager)", run_ours)
+    eager = run_ours(7, "latent")
+    ours.cuda_graphs = True
+    add("ours (CUDA graphs)", run_ours)
+    graphed = run_ours(7, "latent")
+    rows[-1]["max_abs_latent_diff_vs_eager"] = float((graphed - eager).abs().max())
+    ours.unet.to(memory_format=torch.channels_last)
+    add("ours (CUDA graphs, channels_last)", run_ours)
+    ours.unet.to(memory_format=torch.contiguous_format)
+    if not args.no_diffusers:
+        add("diffusers StableDiffusionXLPipeline (again)", run_diffusers)
     if args.compile:
         compile_unet_regions(ours.unet, CompileSettings(mode=args.dynamo_mode))  # what --torch_compile does
-        med, peak = timed(run_ours, args.images)
-        rows.append({"pipeline": f"ours (torch.compile {args.dynamo_mode or 'default'})", "s_per_image": round(med, 3),
-                     "peak_gib": round(peak, 2)})
+        add(f"ours (torch.compile {args.dynamo_mode or 'default'} + CUDA graphs)", run_ours)
+        ours.cuda_graphs = False
+        add(f"ours (torch.compile {args.dynamo_mode or 'default'}, eager launches)", run_ours)
     for row in rows:
         row["card"] = device_name()
         print(row)

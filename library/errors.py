@@ -18,6 +18,18 @@ class UserError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
+def first_error(exc: BaseException) -> str:
+    """``Type: first line`` of the error that started ``exc``'s chain, for a one-line log.
+
+    Some failures (the end of a CUDA graph capture, say) raise a follow-up error whose context holds
+    the one that matters.
+    """
+    while exc.__context__ is not None:
+        exc = exc.__context__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 def run_cli(main: Callable[[], T]) -> T:
     """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit 2."""
     try:

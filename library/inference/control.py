@@ -124,6 +124,7 @@ class LLLiteControl:
         self.ratios = list(ratios)
         self._pixels: torch.Tensor | None = None  # the guide images, (B, 3, H, W) in [-1, 1]
         self._embedded_size: tuple[int, int] | None = None  # (H, W) the networks hold embeddings for
+        self._enabled: tuple[bool, ...] = ()  # which networks the last call switched on
         for network, multiplier in zip(self.networks, multipliers):
             network.set_multiplier(float(multiplier))
 
@@ -168,9 +169,19 @@ class LLLiteControl:
             if size != self._embedded_size:  # a stage at another size: the guide resized to it
                 self._embed(torch.nn.functional.interpolate(self._pixels, size=size, mode="bilinear",
                                                             antialias=True, align_corners=False))
-        for network, ratio in zip(self.networks, self.ratios):
-            network.set_enabled(step.control_enabled and step.index < math.ceil(ratio * step.num_calls - 1e-9))
+        self._enabled = tuple(step.control_enabled and step.index < math.ceil(ratio * step.num_calls - 1e-9)
+                              for ratio in self.ratios)
+        for network, enabled in zip(self.networks, self._enabled):
+            network.set_enabled(enabled)
         return None
+
+    def graph_key(self) -> tuple:
+        """What of this hook's state a CUDA-graphed U-Net call depends on within one sampling loop.
+
+        The embeddings and multipliers are fixed for a loop; which networks are on changes with
+        ``--control_net_ratios`` (see library/inference/unet_graphs.py).
+        """
+        return self._embedded_size, self._enabled
 
 
 def lllite_control(generator: Any) -> Optional[LLLiteControl]:

@@ -137,14 +137,16 @@ class SDXLGenerator:
     Attributes meant to be changed by callers:
       ``unet_hooks``: list of :data:`UNetHook` run before every U-Net call;
       ``token_replacements``: ``{trigger word: replacement}`` applied to prompts before
-      tokenising (textual-inversion triggers expand to all their vectors' tokens).
+      tokenising (textual-inversion triggers expand to all their vectors' tokens);
+      ``cuda_graphs``: replay the U-Net calls as CUDA graphs on a CUDA device (off by default: the
+      caller must know that nothing outside the hooks changes the U-Net within a loop).
     """
 
     def __init__(self, unet, vae, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  no_half_vae: bool = False, vae_dtype: Optional[torch.dtype] = None,
                  v_parameterization: bool = False, zero_terminal_snr: bool = False, channels_last: bool = False,
-                 place_models: bool = True):
+                 place_models: bool = True, cuda_graphs: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
         if vae_dtype is None:
@@ -163,6 +165,8 @@ class SDXLGenerator:
         self.zero_terminal_snr = zero_terminal_snr
         self.unet_hooks: list[UNetHook] = []
         self.token_replacements: dict[str, str] = {}
+        # replay the U-Net calls of each sampling loop as CUDA graphs (library/inference/unet_graphs.py)
+        self.cuda_graphs = cuda_graphs
 
     @classmethod
     def from_models(cls, models, tokenizers: Sequence, **kwargs) -> "SDXLGenerator":
@@ -324,6 +328,7 @@ class SDXLGenerator:
         step_kwargs = _step_kwargs(scheduler, generators)
         context = context.to(self.device)
         timesteps = scheduler.timesteps[start:]
+        graphs = self._loop_graphs()
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(latents, t)
             model_input = torch.cat([model_input] * copies) if copies > 1 else model_input
@@ -331,8 +336,7 @@ class SDXLGenerator:
             for hook in self.unet_hooks:
                 extra.update(hook(DenoiseStep(i, len(timesteps), t, model_input, latents.shape[0], copies,
                                               control_enabled)) or {})
-            pred = self.unet(model_input.to(self.dtype), t, encoder_hidden_states=context,
-                             added_cond_kwargs=added, return_dict=False, **extra)[0].float()
+            pred = self._unet_call(graphs, model_input.to(self.dtype), t, context, added, extra).float()
             pred = _guide(pred, copies, scale, negative_scale)
             if gradual is not None:
                 latents = gradual.step(scheduler, pred, t, latents, generators)
@@ -343,6 +347,33 @@ class SDXLGenerator:
             if callback is not None:
                 callback(i, t, latents)
         return gradual.finish(latents) if gradual is not None else latents
+
+    def _loop_graphs(self):
+        """A :class:`~library.inference.unet_graphs.LoopGraphs` for one sampling loop, or None (eager)."""
+        if not self.cuda_graphs or self.device.type != "cuda":
+            return None
+        from library.inference.unet_graphs import LoopGraphs
+
+        unet = self.unet
+
+        def call(x: dict[str, torch.Tensor]) -> torch.Tensor:
+            added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}
+            return unet(x["sample"], x["timestep"], encoder_hidden_states=x["context"], added_cond_kwargs=added,
+                        return_dict=False)[0]
+        return LoopGraphs(call)
+
+    def _unet_call(self, graphs, sample, t, context, added, extra) -> torch.Tensor:
+        """One U-Net prediction: replayed from a CUDA graph when ``graphs`` and the hooks allow it."""
+        if graphs is not None and not extra:
+            from library.inference.unet_graphs import hooks_key
+
+            state = hooks_key(self.unet_hooks)
+            if state is not None:
+                inputs = {"sample": sample, "timestep": torch.as_tensor(t, device=self.device), "context": context,
+                          "text_embeds": added["text_embeds"], "time_ids": added["time_ids"]}
+                return graphs(inputs, state)
+        return self.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False,
+                         **extra)[0]
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil", vae_batch_size: Optional[int] = None) -> Any:
         """VAE-decode latents (``latents / 0.13025``) in the VAE dtype: PIL images or an (B, H, W, 3) array."""

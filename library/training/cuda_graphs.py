@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from library.errors import first_error
+
 logger = logging.getLogger(__name__)
 
 #: most distinct input shapes graphed in one run (each graph keeps its input/output tensors)
@@ -104,11 +106,6 @@ class _Graph:
     param_ptrs: tuple[int, ...]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def _signature(inputs: dict[str, torch.Tensor]) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, v.requires_grad) for k, v in sorted(inputs.items()))
 
@@ -162,11 +159,8 @@ class GraphedLoss:
                 loss = self.loss_fn(static)
                 self.backward(loss)
         except Exception as exc:
-            root = exc
-            while root.__context__ is not None:  # the capture's end reports a follow-up error; name the first
-                root = root.__context__
-            logger.warning("CUDA graph capture failed (%s); the rest of the run steps eagerly", _one_line(root))
-            logger.debug("CUDA graph capture failure", exc_info=root)
+            logger.warning("CUDA graph capture failed (%s); the rest of the run steps eagerly", first_error(exc))
+            logger.debug("CUDA graph capture failure", exc_info=exc)
             self.failed = True
             return None
         finally:
