@@ -100,7 +100,9 @@ class _CacheState:
             if path is None:
                 raise UserError(f"{self._name(unit)}: no valid {self.what} cache file (looked for "
                                 f"{', '.join(self._paths(unit))}); cache again and let every process "
-                                "finish caching before training")
+                                "finish caching before training (on several machines, every machine must see "
+                                "the cache files of all of them: a shared dataset folder, or caches made ahead with "
+                                "tools/cache_latents.py / tools/cache_text_encoder_outputs.py)")
             self.files[u] = path
             entry = self._load_unchecked(unit, path)
             if entry is None:
