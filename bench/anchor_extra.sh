@@ -4,6 +4,7 @@
 #
 #   H  textual inversion, batch 1 (4 vectors, --init_word cat, --use_object_template, AdamW 5e-3)
 #   I  H at batch 4 + --gradient_checkpointing
+#   T  H + --gradient_checkpointing (batch 1)   U  H at batch 4 without checkpointing
 #   N  H + --torch_compile
 #   J  ControlNet-LLLite (--network_dim 64 --cond_emb_dim 32, AdamW 2e-4), batch 1, on $DATA/10_test
 #      with one edge-map control image per training image (bench/anchor_assets.py cond)
@@ -24,6 +25,8 @@ after_names = r'''
 # ---- added by the project's bench/anchor_extra.sh -----------------------------------------------------------
 DESC[H]="textual inversion bs1, 4 vectors, AdamW";     KIND[H]=train; BS[H]=1; CAP[H]=150
 DESC[I]="textual inversion bs4 + grad ckpt";           KIND[I]=train; BS[I]=4; CAP[I]=180
+DESC[T]="textual inversion bs1 + grad ckpt";           KIND[T]=train; BS[T]=1; CAP[T]=150
+DESC[U]="textual inversion bs4, no grad ckpt";         KIND[U]=train; BS[U]=4; CAP[U]=180
 DESC[N]="H + --torch_compile";                         KIND[N]=train; BS[N]=1; CAP[N]=300
 DESC[J]="ControlNet-LLLite bs1 dim 64 cond 32 AdamW";  KIND[J]=train; BS[J]=1; CAP[J]=150
 DESC[K]="ControlNet-LLLite bs4";                       KIND[K]=train; BS[K]=4; CAP[K]=180
@@ -33,7 +36,7 @@ DESC[M]="E + highres fix from 768 (0.75, 28+24 steps)"; KIND[M]=gen;  BS[M]=1; C
 DESC[P]="B + --torch_compile";                         KIND[P]=train; BS[P]=1; CAP[P]=200
 DESC[Q]="D + --torch_compile";                         KIND[Q]=train; BS[Q]=1; CAP[Q]=200
 DESC[R]="C + --torch_compile";                         KIND[R]=train; BS[R]=4; CAP[R]=200
-NAME_H=H_ti_bs1; NAME_I=I_ti_bs4_gc; NAME_N=N_ti_bs1_compile; NAME_J=J_lllite_bs1; NAME_K=K_lllite_bs4
+NAME_H=H_ti_bs1; NAME_I=I_ti_bs4_gc; NAME_T=T_ti_bs1_gc; NAME_U=U_ti_bs4; NAME_N=N_ti_bs1_compile; NAME_J=J_lllite_bs1; NAME_K=K_lllite_bs4
 NAME_O=O_gen_lllite; NAME_L=L_gen_highres_512; NAME_M=M_gen_highres_768
 NAME_P=P_lora_r8_bs1_gc_adafactor_compile; NAME_Q=Q_full_ft_bs1_compile; NAME_R=R_lora_r32_bs4_compile
 TI_COMMON=(); for x in "${COMMON[@]}"; do [ "$x" = --cache_text_encoder_outputs ] || TI_COMMON+=("$x"); done  # TI cannot cache them
@@ -79,6 +82,9 @@ cases = r'''
     I) CMD=(--mode train --script sdxl_train_textual_inversion.py -- "${TI_COMMON[@]}" "${TI[@]}"
             --train_batch_size 4 --gradient_checkpointing --output_dir "$o" --output_name I) ;;
     N) cfg_cmd H; retarget N; CMD+=(--torch_compile); return ;;
+    T) cfg_cmd H; retarget T; CMD+=(--gradient_checkpointing); return ;;
+    U) CMD=(--mode train --script sdxl_train_textual_inversion.py -- "${TI_COMMON[@]}" "${TI[@]}"
+            --train_batch_size 4 --output_dir "$o" --output_name U) ;;
     J) CMD=(--mode train --script sdxl_train_control_net_lllite.py -- "${LL_COMMON[@]}" "${LL[@]}"
             --train_batch_size 1 --output_dir "$o" --output_name J) ;;
     K) CMD=(--mode train --script sdxl_train_control_net_lllite.py -- "${LL_COMMON[@]}" "${LL[@]}"
@@ -134,5 +140,5 @@ for line in lines:
         out.append(line)
 assert hits == [1] * len(edits), f"run.sh layout changed (anchor lines found {hits} times); update bench/anchor_extra.sh"
 (d / "run_extra.sh").write_text("\n".join(out) + "\n")
-print(f"wrote {d / 'run_extra.sh'}: configs H I N J K O L M P Q R added")
+print(f"wrote {d / 'run_extra.sh'}: configs H I T U N J K O L M P Q R added")
 PY
