@@ -118,7 +118,11 @@ class TextConditioner:
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context (B, T, C1 + C2), pooled (B, P)) for a list of prompts."""
-        h1, h2, pooled = self.encode_ids(*self.tokenize(prompts))
+        return self.context_of(*self.tokenize(prompts))
+
+    def context_of(self, ids1: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) for windowed token ids: device work only, no host syncs (CUDA-graphable)."""
+        h1, h2, pooled = self.encode_ids(ids1, ids2)
         return torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled
 
 

@@ -251,6 +251,22 @@ class TextualInversionMethod:
         key = f"ti-template:{seed}:{p.epoch if p else 0}:{where}"
         return [random.Random(f"{key}:{i}").choice(templates).format(replacement) for i in range(len(captions))]
 
+    # ---- text encoding inside the trainer's CUDA graph --------------------------------------------
+    @property
+    def graph_text_encoding(self) -> bool:
+        """With CUDA graphs, the trainer replays both encoders with the U-Net (from token ids): their
+        ~60 layers forward and backward are otherwise thousands of small launches per step. Not with
+        --weighted_captions, whose encoding reads the weights on the host."""
+        return not self.run.cfg.weighted_captions
+
+    def caption_ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windowed token ids of the training captions (templates / token expansion applied)."""
+        return self.run.conditioner.tokenize(self.training_captions(captions))
+
+    def encode_caption_ids(self, ids1: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) of :meth:`caption_ids`, the new rows taken from the trained vectors."""
+        return self.run.conditioner.context_of(ids1, ids2)
+
     # ---- the loop's protocol --------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         return [{"params": [self.vectors.clip_l, self.vectors.clip_g], "lr": self.run.cfg.learning_rate}]

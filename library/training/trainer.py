@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
 from tqdm.auto import tqdm
 
 from library.data.dataset import make_dataloader
@@ -106,6 +107,7 @@ class Trainer:
         self.sampler = sampler  # called as sampler(run, epoch=..., step=...) when sampling is due
         self.out = Path(self.cfg.output_dir)
         self._unet_mixed: bool | None = None
+        self._text_in_graph = False  # the method's text encoding runs inside the CUDA graph (TI)
         self.last_good_save: Path | None = None  # newest model file written with sound weights
 
     # -----------------------------------------------------------------------------------------
@@ -192,7 +194,9 @@ class Trainer:
                 logger.info("CUDA graphs off: %s", why)
             return None
         without_rng_stash(self.run.models.unet)
-        logger.info("CUDA graphs on: each batch shape runs eagerly once, then replays as a graph")
+        self._text_in_graph = bool(getattr(self.method, "graph_text_encoding", False))
+        logger.info("CUDA graphs on: each batch shape runs eagerly once, then replays as a graph%s",
+                    " (text encoders included)" if self._text_in_graph else "")
         return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params)
 
     # -----------------------------------------------------------------------------------------
@@ -248,7 +252,12 @@ class Trainer:
         cfg, run = self.cfg, self.run
         gen = generator if generator is not None else self.rng.generator
         latents = self.latents_of(batch, generator)
-        context, pooled = self.text_of(batch)
+        if self._text_in_graph:  # token ids in, the encoders run inside denoise_loss (and its graph)
+            ids1, ids2 = self.method.caption_ids(batch["captions"])
+            text = {"ids1": ids1.to(latents.device), "ids2": ids2.to(latents.device)}
+        else:
+            context, pooled = self.text_of(batch)
+            text = {"context": context, "text_embeds": pooled}
         eps = noise.noise_like(latents, gen, cfg.noise_offset, cfg.noise_offset_random_strength,
                                cfg.adaptive_noise_scale, cfg.multires_noise_iterations, cfg.multires_noise_discount)
         if timesteps is None:
@@ -258,8 +267,8 @@ class Trainer:
         noisy = noise.add_noise(run.scheduler, latents,
                                 noise.perturb_noise(eps, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength), t)
         ids = time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
-        inputs = {"noisy": noisy, "timesteps": t, "context": context, "time_ids": ids.to(latents.device),
-                  "text_embeds": pooled, "target": noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)}
+        inputs = {"noisy": noisy, "timesteps": t, "time_ids": ids.to(latents.device), **text,
+                  "target": noise.target_for(run.scheduler, latents, eps, t, cfg.v_parameterization)}
         extra = {"loss_mask": losses.loss_mask(batch, cfg.masked_loss), "loss_weights": batch.get("loss_weights")}
         extra.update({k: batch.get(k) for k in getattr(self.method, "unet_batch_keys", ())})
         for key, value in extra.items():
@@ -271,9 +280,17 @@ class Trainer:
         """The U-Net's prediction for ``inputs`` (see :meth:`denoise_inputs`) and its weighted loss."""
         cfg, run = self.cfg, self.run
         t = inputs["timesteps"]
-        added = unet_added_cond(inputs["text_embeds"], inputs["time_ids"])
+        if "ids1" in inputs:
+            # no autocast cache: a capture must not keep casts made outside it (the weights are
+            # stored in the compute dtype anyway)
+            with run.accelerator.autocast(autocast_handler=AutocastKwargs(cache_enabled=False)):
+                context, pooled = self.method.encode_caption_ids(inputs["ids1"], inputs["ids2"])
+            context, pooled = context.to(run.weight_dtype), pooled.to(run.weight_dtype)
+        else:
+            context, pooled = inputs["context"], inputs["text_embeds"]
+        added = unet_added_cond(pooled, inputs["time_ids"])
         with self.unet_autocast():
-            pred = self.method.unet_forward(run, inputs["noisy"], t, inputs["context"], added, inputs)
+            pred = self.method.unet_forward(run, inputs["noisy"], t, context, added, inputs)
         huber_c = losses.huber_c_for(t, run.scheduler, cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) \
             if cfg.loss_type in ("huber", "smooth_l1") else cfg.huber_c
         per_sample = losses.per_sample_loss(pred.float(), inputs["target"].float(), cfg.loss_type, huber_c,
