@@ -368,7 +368,8 @@ def _version() -> str:
     return accelerate.__version__
 
 
-def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, ema: bool = False) -> None:
+def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, ema: bool = False,
+                  zero_stage: int = 2, trains_text_encoders: bool = False) -> None:
     """UserError for distributed options that cannot work, before any model is loaded."""
     sharding = "--deepspeed" if deepspeed else "FSDP (accelerate launch --use_fsdp)" if fsdp_requested() else None
     if sharding is None:
@@ -391,6 +392,12 @@ def check_options(deepspeed: bool, fused_backward_pass: bool, method_kind: str, 
     if ema:
         raise UserError(f"--ema cannot be combined with {sharding} (the EMA copy would need the full weights "
                         "on every GPU); train without --ema or on plain multi-GPU")
+    if deepspeed and zero_stage == 3 and trains_text_encoders:
+        # transformers' CLIP reads position_embedding.weight.shape outside that module's forward, where
+        # ZeRO-3 has not gathered the shard (it reads as 0 and the text encoder stops)
+        raise UserError("--deepspeed --zero_stage 3 cannot train the text encoders (CLIP reads a sharded weight's "
+                        "shape outside its forward); use --zero_stage 2 or FSDP2 with --train_text_encoder, or "
+                        "train the U-Net only")
 
 
 def accelerator_kwargs(cfg: Any) -> dict[str, Any]:

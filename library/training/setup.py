@@ -180,7 +180,8 @@ def run_training(cfg: TrainConfig, data, method, sampler: Callable | None = None
     from library.training.distributed import check_options
 
     check_options(cfg.deepspeed, cfg.fused_backward_pass, method.kind,  # before any model loads
-                  ema=bool(getattr(getattr(method, "opts", None), "ema", False)))
+                  ema=bool(getattr(getattr(method, "opts", None), "ema", False)), zero_stage=cfg.zero_stage,
+                  trains_text_encoders=method.text_encoder_weights_trained)
     run = create_run(cfg, data)
     fill_caches(run, run.encode_text)
     place_frozen_models(run, method.unet_weights_trained, method.text_encoder_weights_trained,

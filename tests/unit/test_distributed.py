@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import types
 
 import pytest
 import torch
@@ -59,6 +60,12 @@ def test_sharding_option_checks(monkeypatch):
     with pytest.raises(UserError, match="--ema cannot"):
         D.check_options(False, False, "checkpoint", ema=True)
     D.check_options(False, False, "checkpoint")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))  # installed
+    with pytest.raises(UserError, match="--zero_stage 3 cannot train the text encoders"):
+        D.check_options(True, False, "checkpoint", zero_stage=3, trains_text_encoders=True)
+    D.check_options(True, False, "checkpoint", zero_stage=2, trains_text_encoders=True)
+    D.check_options(True, False, "checkpoint", zero_stage=3)
 
 
 def test_posterior_sample_is_the_same_whatever_the_batch():
