@@ -79,10 +79,7 @@ def _build_generator(args, device, dtype):
                                 gen.vae, gen.text_encoders, dtype, device, merge=args.network_merge,
                                 merge_count=args.network_merge_n_models, network_args=network_args)
     gf.install_deep_shrink(gen, args)  # before torch.compile
-    gen.cuda_graphs = args.cuda_graphs == "auto" and gen.device.type == "cuda"
-    if gen.cuda_graphs and gf.may_deep_shrink(args):
-        gen.cuda_graphs = False
-        logger.info("CUDA graphs off: Deep Shrink changes the U-Net's work by timestep")
+    gf.set_cuda_graphs(gen, args)
     if args.control_net_lllite_models:  # after LoRA, before torch.compile
         from library.inference.control import LLLiteControl
         from networks.control_net_lllite import load_for_inference

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 
-from common import UNET_FWD_TFLOP_1024, device_name
+from common import UNET_FWD_TFLOP_1024, device_name, time_steps
 
 from library.models.presets import build_random
 
@@ -67,19 +66,6 @@ def make_step(unet, mode: str, batch: int):
     return step
 
 
-def timed(step, steps: int) -> float:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def profile(step) -> None:
     from torch.profiler import ProfilerActivity, profile as prof
     step()
@@ -120,7 +106,7 @@ def main() -> None:
                 unet.disable_gradient_checkpointing()
             step = make_step(unet, mode, args.batch)
             torch.cuda.reset_peak_memory_stats()
-            s = timed(step, args.steps)
+            s = statistics.median(time_steps(step, 3, args.steps))
             images = 1 if mode == "gen" else args.batch
             flop = UNET_FWD_TFLOP_1024 * {"ti": 3, "lora": 2, "gen": 2}[mode] * images
             print(json.dumps({"mode": mode, "format": fmt, "batch": args.batch if mode != "gen" else 2,

@@ -358,6 +358,15 @@ def install_deep_shrink(gen, args: argparse.Namespace) -> None:
         gen.deep_shrink = DeepShrink(gen.unet)
 
 
+def set_cuda_graphs(gen, args: argparse.Namespace) -> None:
+    """``--cuda_graphs auto``: graphed U-Net calls on a CUDA device, unless a prompt may use Deep Shrink
+    (its hooks change the U-Net's work by timestep, which a replay would not see)."""
+    gen.cuda_graphs = args.cuda_graphs == "auto" and gen.device.type == "cuda"
+    if gen.cuda_graphs and may_deep_shrink(args):
+        gen.cuda_graphs = False
+        logger.info("CUDA graphs off: Deep Shrink changes the U-Net's work by timestep")
+
+
 def may_deep_shrink(args: argparse.Namespace) -> bool:
     """Whether Deep Shrink can be asked for (command line, or a prompt option starting with --ds)."""
     if args.ds_depth_1 is not None:
