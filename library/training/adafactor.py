@@ -12,6 +12,13 @@ Everything transformers' Adafactor accepts is accepted with the same meaning (``
 ``relative_step``, ``warmup_init``), and the per-parameter state has the same keys, shapes and
 dtypes (``step``, ``exp_avg_sq_row``/``exp_avg_sq_col`` or ``exp_avg_sq``, ``exp_avg``, ``RMS``), so
 a state saved by either optimizer resumes in the other.
+
+Inside a CUDA graph (the fused backward pass replayed by ``library.training.cuda_graphs``) nothing
+that changes from step to step may be a host number: set :attr:`Adafactor.step_tensor` to a 0-dim
+device tensor holding the number of the step being taken, and put a 0-dim device tensor in each
+group's ``"lr"``; the step-dependent factors are then computed on the device from them (the same
+formulas in fp32 instead of fp64: floating-point noise). The host-side ``state["step"]`` counts on
+as before.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class Adafactor(torch.optim.Optimizer):
                     "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                     "relative_step": relative_step, "warmup_init": warmup_init}
         super().__init__(params, defaults)
+        #: the step number as a 0-dim device tensor (CUDA graphs), or None: host numbers
+        self.step_tensor: torch.Tensor | None = None
 
     @staticmethod
     def _rel_step(group: dict, step: int) -> float:
@@ -48,6 +57,14 @@ class Adafactor(torch.optim.Optimizer):
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             rel = min(min_step, 1.0 / math.sqrt(step))
         return rel
+
+    @staticmethod
+    def _rel_step_on_device(group: dict, step: torch.Tensor) -> float | torch.Tensor:
+        """:meth:`_rel_step` from a device step tensor (the group's lr may be a device tensor too)."""
+        if not group["relative_step"]:
+            return group["lr"]
+        min_step = step * 1e-6 if group["warmup_init"] else torch.full_like(step, 1e-2)
+        return torch.minimum(min_step, step.rsqrt())
 
     @staticmethod
     def _get_lr(param_group: dict, param_state: dict):
@@ -120,20 +137,21 @@ class Adafactor(torch.optim.Optimizer):
         step = states[0]["step"] + 1
         for state in states:
             state["step"] = step
-        rel = self._rel_step(group, step)
+        step_t = self.step_tensor
+        rel = self._rel_step(group, step) if step_t is None else self._rel_step_on_device(group, step_t)
         lr: float | torch.Tensor = rel
         if group["scale_parameter"]:
             rms = p32.flatten(1).norm(2, dim=1) / numel_sqrt
             for state, value in zip(states, rms.unbind(0)):
                 state["RMS"] = value
             lr = rms.clamp(min=group["eps"][1]).mul_(rel).view(bcast)
-        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        beta2t = 1.0 - math.pow(step, group["decay_rate"]) if step_t is None else 1.0 - step_t.pow(group["decay_rate"])
         update = (grad ** 2) + group["eps"][0]
         if len(shape) >= 2:
             row = self._stack([s["exp_avg_sq_row"] for s in states])
             col = self._stack([s["exp_avg_sq_col"] for s in states])
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=(1.0 - beta2t))
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=(1.0 - beta2t))
+            _decay_(row, beta2t, update.mean(dim=-1))
+            _decay_(col, beta2t, update.mean(dim=-2))
             if not single:
                 torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(row.unbind(0)))
                 torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(col.unbind(0)))
@@ -142,7 +160,7 @@ class Adafactor(torch.optim.Optimizer):
             update.mul_(grad)
         else:
             sq = self._stack([s["exp_avg_sq"] for s in states])
-            sq.mul_(beta2t).add_(update, alpha=(1.0 - beta2t))
+            _decay_(sq, beta2t, update)
             if not single:
                 torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(sq.unbind(0)))
             update = sq.rsqrt().mul_(grad)
@@ -163,3 +181,11 @@ class Adafactor(torch.optim.Optimizer):
         p32.add_(-update)
         if half or not single:
             torch._foreach_copy_(params, list(p32.unbind(0)))
+
+
+def _decay_(avg: torch.Tensor, beta: float | torch.Tensor, value: torch.Tensor) -> None:
+    """``avg = beta * avg + (1 - beta) * value`` in place; ``beta`` a host number or a 0-dim device tensor."""
+    if torch.is_tensor(beta):
+        avg.mul_(beta).add_(value * (1.0 - beta))
+    else:
+        avg.mul_(beta).add_(value, alpha=(1.0 - beta))

@@ -10,18 +10,27 @@ How a step runs here (:meth:`GraphedLoss.loss_and_backward`):
 * the first batch of a shape runs eagerly (it also warms up cuBLAS, the compiled regions and the
   lazily built tables); the second is captured into a graph and every later one replays it;
 * the inputs (noisy latents, timesteps, text conditioning, targets, ...) are copied into the
-  graph's own input tensors; the loss and the parameter gradients come out of the graph's own
-  output tensors: a gradient is handed to the trainer as ``param.grad`` without a copy, and added
-  into an existing ``.grad`` when gradients accumulate over several batches;
+  graph's own input tensors and the loss comes out of the graph's own output tensor;
+* parameter gradients are accumulated in place into one gradient buffer per trained parameter,
+  which every graph (and every eager step once graphs exist) writes: the buffer is handed to the
+  trainer as ``param.grad``, zeroed before a step that starts afresh and kept while gradients
+  accumulate over several batches, so any number of bucket shapes cost one set of gradients;
 * gradients for inputs that require them (the text encoders' outputs, when a text encoder or the
   textual-inversion vectors are trained) continue eagerly from the graph's input gradients, so the
   text encoders stay outside the graph;
 * all graphs share one memory pool: their activations live only inside a replay, so several
   bucket shapes cost the memory of the largest one, not the sum.
 
+Full fine-tuning is graphed too: the U-Net's gradients land in the buffers like an adapter's
+(the memory an eager backward gives them), and with ``--fused_backward_pass`` and Adafactor the
+optimizer steps run inside the graph's backward, reading their learning rates and step number from
+device tensors (``library.training.fused_backward``), so no gradient outlives the replay and there
+are no buffers (``grad_buffers=False``).
+
 Only what is safe is graphed (:func:`graph_blocker`): one process, a CUDA device, no fp16
-GradScaler, no optimizer inside the backward, no host-side randomness, frozen U-Net weights. Any
-failure to capture falls back to eager steps for the rest of the run, with one log line.
+GradScaler, no host-side randomness, no optimizer inside the backward unless it reads its
+step-dependent numbers from the device. Any failure to capture falls back to eager steps for the
+rest of the run, with one log line.
 """
 
 from __future__ import annotations
@@ -42,20 +51,28 @@ logger = logging.getLogger(__name__)
 MAX_GRAPHS = 32
 
 
-def graph_blocker(cfg: Any, accelerator: Any, method: Any, mixed_autocast: bool) -> str | None:
-    """Why this run's steps cannot be graphed, or None when they can."""
+def graph_blocker(cfg: Any, accelerator: Any, method: Any, fused: Any = None) -> str | None:
+    """Why this run's steps cannot be graphed, or None when they can.
+
+    ``fused``: the run's fused-backward object (``--fused_backward_pass``), whose own
+    ``graph_blocker()`` says whether its optimizer steps can be replayed.
+    """
     if getattr(cfg, "cuda_graphs", "auto") == "off":
         return "--cuda_graphs off"
     if accelerator.device.type != "cuda":
         return "not on a CUDA device"
+    fused_why = None
+    if cfg.fused_optimizer_groups:
+        fused_why = "--fused_optimizer_groups steps the optimizer inside the backward"
+    elif cfg.fused_backward_pass:
+        fused_why = fused.graph_blocker() if fused is not None and hasattr(fused, "graph_blocker") \
+            else "the optimizer steps inside the backward"
     reasons = [
         (accelerator.num_processes > 1, "several processes (gradients are synchronised inside the backward)"),
         (cfg.mixed_precision == "fp16", "fp16 mixed precision (the loss scale changes between steps)"),
-        (cfg.fused_backward_pass or bool(cfg.fused_optimizer_groups), "the optimizer steps inside the backward"),
+        (fused_why is not None, fused_why),
         (cfg.cpu_offload_checkpointing, "--cpu_offload_checkpointing copies to host memory"),
         (cfg.deepspeed, "DeepSpeed"),
-        (method.unet_weights_trained, "the U-Net's own weights are trained (graphed gradients: twice the memory)"),
-        (mixed_autocast, "the U-Net's weights are in another dtype than the compute dtype (autocast)"),
     ]
     for blocked, why in reasons:
         if blocked:
@@ -101,7 +118,6 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]  # the graph's own input tensors (leaves; some require grad)
     loss: torch.Tensor
-    grads: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, the graph's gradient tensor for it)
     input_grads: dict[str, torch.Tensor]  # input name -> the graph's gradient tensor for it
     param_ptrs: tuple[int, ...]
 
@@ -113,20 +129,23 @@ def _signature(inputs: dict[str, torch.Tensor]) -> tuple:
 class GraphedLoss:
     """``loss_fn(inputs) -> loss`` and ``backward(loss)``, replayed as CUDA graphs (see the module doc).
 
-    ``params``: every trained parameter (gradients of those the graph reaches come from the graph).
+    ``params``: every trained parameter. ``grad_buffers``: accumulate their gradients into fixed
+    buffers (False when the backward consumes and frees every gradient itself: the fused backward pass).
     """
 
     def __init__(self, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                 backward: Callable[[torch.Tensor], None], params: list[torch.Tensor]):
+                 backward: Callable[[torch.Tensor], None], params: list[torch.Tensor], grad_buffers: bool = True):
         self.loss_fn = loss_fn
         self.backward = backward
         self.params = params
+        self.grad_buffers = grad_buffers
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (param, buffer), from the first capture
+        self._reached: list[torch.Tensor] | None = None  # params the first (eager) backward gave a gradient
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: set[tuple] = set()
         self.pool = torch.cuda.graph_pool_handle()
         self.failed = False
         self.replays = 0
-        self._owned: set[int] = set()  # ids of every graph's gradient tensors (a later replay may overwrite them)
 
     def loss_and_backward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of ``inputs`` (a fresh 0-dim tensor) with its gradients accumulated, as an eager step would."""
@@ -137,24 +156,49 @@ class GraphedLoss:
         if entry is None or entry.param_ptrs != self._param_ptrs():
             if entry is not None:  # an optimizer replaced a parameter's storage: the graph reads the old one
                 logger.warning("a trained parameter moved in memory; CUDA graphs are off for the rest of the run")
-                self.failed, self.graphs, self._owned = True, {}, set()
+                self.failed, self.graphs = True, {}
             self.seen.add(key)
+            self._use_buffers()
             loss = self.loss_fn(inputs)
             self.backward(loss)
+            if self._reached is None:  # the run's first batch: every gradient was None before it
+                self._reached = [p for p in self.params if p.grad is not None]
             return loss.detach()
         return self._replay(entry, inputs)
 
     def _param_ptrs(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self.params)
 
+    def _use_buffers(self) -> None:
+        """Point every ``param.grad`` at its buffer: zeroed when the trainer cleared it (a fresh step),
+        holding the gradient so far when an eager batch of this accumulation window left one elsewhere."""
+        if self.buffers is None:
+            return
+        fresh = []
+        for p, buf in self.buffers:
+            if p.grad is None:
+                fresh.append(buf)
+            elif p.grad is not buf:
+                buf.copy_(p.grad)
+            p.grad = buf
+        if fresh:
+            torch._foreach_zero_(fresh)
+
     def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _Graph | None:
         static = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
-        held = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None  # the graph's backward then writes each gradient into a tensor of its own
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize()
+            # The eager steps' freed blocks stay cached in the default pool, which the graph's private
+            # pool cannot use: hand them back first (with a trained U-Net they include the gradients
+            # of a whole model, which would otherwise be held twice).
+            torch.cuda.empty_cache()
+            if self.grad_buffers and self.buffers is None:
+                # only for parameters the backward reaches: one it does not must keep .grad None
+                # (an optimizer steps a zero gradient but skips a missing one)
+                self.buffers = [(p, torch.zeros_like(p)) for p in self._reached or ()]
+            held = [p.grad for p in self.params]
+            self._use_buffers()  # the graph adds into the buffers (autograd accumulates in place)
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 loss = self.loss_fn(static)
                 self.backward(loss)
@@ -163,33 +207,22 @@ class GraphedLoss:
             logger.debug("CUDA graph capture failure", exc_info=exc)
             self.failed = True
             return None
-        finally:
-            grads = [(p, p.grad) for p in self.params if p.grad is not None]
-            for p, g in zip(self.params, held):
-                p.grad = g
+        # Capturing ran no kernels: the gradients are as before it, and the replay that follows adds this batch's.
+        for p, g in zip(self.params, held):
+            p.grad = g
         input_grads = {k: v.grad for k, v in static.items() if v.grad is not None}
-        entry = _Graph(graph, static, loss.detach(), grads, input_grads, self._param_ptrs())
+        entry = _Graph(graph, static, loss.detach(), input_grads, self._param_ptrs())
         self.graphs[key] = entry
-        self._owned.update(id(g) for _, g in grads)
         logger.info("captured a CUDA graph for %s", ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(inputs.items())
                                                               if v.ndim > 1))
         return entry
 
     def _replay(self, entry: _Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # A gradient the trainer still holds (accumulation) may be a graph's own tensor, which this
-        # replay can overwrite (its own, or another graph's that shares the memory pool): copy it out.
-        for p in self.params:
-            if p.grad is not None and id(p.grad) in self._owned:
-                p.grad = p.grad.clone()
+        self._use_buffers()
         for name, tensor in inputs.items():
             entry.inputs[name].detach().copy_(tensor.detach(), non_blocking=True)
         entry.graph.replay()
         self.replays += 1
-        for p, g in entry.grads:
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
         follow = [(inputs[k], g) for k, g in entry.input_grads.items() if inputs[k].requires_grad]
         if follow:
             torch.autograd.backward([t for t, _ in follow], [g for _, g in follow])

@@ -3,6 +3,11 @@
 The full set of gradients is never held: a post-accumulate-grad hook on every trained parameter
 clips its gradient, steps a one-parameter optimizer of the same class and hyperparameters as the
 parameter's group, and frees the gradient.
+
+With the batched Adafactor (``library.training.adafactor``) the whole backward, optimizer steps
+included, can be replayed as a CUDA graph (:meth:`FusedBackward.use_device_scalars`): the learning
+rates and the step number then live in device tensors that :meth:`FusedBackward.before_step` fills
+before every step, so a replay steps with this step's values.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from library.errors import UserError
+from library.training.adafactor import Adafactor
 from library.training.optim import OPTIMIZERS, _canonical_name, _unwrap
 
 
@@ -93,6 +99,9 @@ class FusedBackward:
         factory = optimizer_factory or _default_factory(self.optimizer)
         self.param_optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
+        self.lr_tensors: list[torch.Tensor] | None = None  # per master group (use_device_scalars)
+        self.step_tensor: torch.Tensor | None = None
+        self._group_of: list[int] = []  # the master group of each per-parameter optimizer
         seen: set[int] = set()
         for index, group in enumerate(self.optimizer.param_groups):
             hyper = {key: value for key, value in group.items() if key != "params"}
@@ -103,6 +112,7 @@ class FusedBackward:
                 sub = factory([dict(hyper, params=[param])])
                 sub.state = self.optimizer.state
                 self.param_optimizers.append(sub)
+                self._group_of.append(index)
                 self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(sub, index)))
 
     def _make_hook(self, sub: torch.optim.Optimizer, group_index: int) -> Callable[[torch.Tensor], None]:
@@ -116,7 +126,8 @@ class FusedBackward:
                 reduce(param)
             if sub.state is not master.state:  # master.load_state_dict() replaced it
                 sub.state = master.state
-            sub_group["lr"] = master.param_groups[group_index]["lr"]
+            if self.lr_tensors is None:
+                sub_group["lr"] = master.param_groups[group_index]["lr"]
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(param, clip)
             sub.step()
@@ -127,6 +138,53 @@ class FusedBackward:
 
     def __len__(self) -> int:
         return len(self.param_optimizers)
+
+    # --------------------------------------------------------------------------------- CUDA graphs
+    def graph_blocker(self) -> str | None:
+        """Why the backward with its optimizer steps cannot be replayed as a CUDA graph, or None."""
+        if self.grad_reduce is not None:
+            return "the fused backward pass averages gradients across processes"
+        if not all(type(sub) is Adafactor for sub in self.param_optimizers):
+            return "the fused backward pass is graphed with --optimizer_type Adafactor only"
+        return None
+
+    def use_device_scalars(self, device: torch.device) -> None:
+        """Step from device tensors (lr per group, step number) that :meth:`before_step` fills.
+
+        The hooks' host code runs once, while a graph is captured; every replay then reads this
+        step's values from the tensors. Only for optimizers that take them (:meth:`graph_blocker`).
+        """
+        self.lr_tensors = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.optimizer.param_groups]
+        self.step_tensor = torch.zeros((), dtype=torch.float32, device=device)
+        for sub, index in zip(self.param_optimizers, self._group_of):
+            sub.param_groups[0]["lr"] = self.lr_tensors[index]
+            sub.step_tensor = self.step_tensor
+
+    def before_step(self) -> None:
+        """Fill the device scalars with this step's learning rates and step number (no host sync)."""
+        if self.lr_tensors is None:
+            return
+        for tensor, group in zip(self.lr_tensors, self.optimizer.param_groups):
+            tensor.fill_(float(group["lr"]))
+        self._next_step = self._steps_taken() + 1
+        self.step_tensor.fill_(float(self._next_step))
+
+    def after_step(self) -> None:
+        """Count the step in every parameter's state (a graph replay does not run the host code that would)."""
+        if self.lr_tensors is None:
+            return
+        state = self.optimizer.state
+        for sub in self.param_optimizers:
+            param_state = state.get(sub.param_groups[0]["params"][0])
+            if param_state:
+                param_state["step"] = self._next_step
+        self.optimizer._opt_called = True
+
+    def _steps_taken(self) -> int:
+        """The step count of the parameters' states (all equal while graphed: every replay steps them all)."""
+        first = self.optimizer.state.get(self.param_optimizers[0].param_groups[0]["params"][0]) \
+            if self.param_optimizers else None
+        return int(first["step"]) if first else 0
 
     def state_dict(self) -> dict[str, Any]:
         """The master optimizer's state dict (it holds every parameter's state)."""

@@ -188,16 +188,18 @@ class Trainer:
         from library.training.cuda_graphs import GraphedLoss, graph_blocker, without_rng_stash
 
         acc = self.run.accelerator
-        why = graph_blocker(self.cfg, acc, self.method, self._unet_is_mixed())
+        why = graph_blocker(self.cfg, acc, self.method, self.fused)
         if why is not None:
             if acc.device.type == "cuda":
                 logger.info("CUDA graphs off: %s", why)
             return None
         without_rng_stash(self.run.models.unet)
+        if self.fused is not None:  # the optimizer steps inside the graph: its lr and step come from the device
+            self.fused.use_device_scalars(acc.device)
         self._text_in_graph = bool(getattr(self.method, "graph_text_encoding", False))
         logger.info("CUDA graphs on: each batch shape runs eagerly once, then replays as a graph%s",
                     " (text encoders included)" if self._text_in_graph else "")
-        return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params)
+        return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params, grad_buffers=self.fused is None)
 
     # -----------------------------------------------------------------------------------------
     def _unet_is_mixed(self) -> bool:
@@ -307,12 +309,17 @@ class Trainer:
         so here only the scheduler moves.
         """
         acc, cfg = self.run.accelerator, self.cfg
+        device_steps = self.graphed is not None and self.fused is not None  # see FusedBackward.use_device_scalars
         with acc.accumulate(*self.trained):
+            if device_steps:
+                self.fused.before_step()
             if self.graphed is not None:
                 loss = self.graphed.loss_and_backward(self.denoise_inputs(batch))
             else:
                 loss = self.loss_of(batch)
                 acc.backward(loss)
+            if device_steps:
+                self.fused.after_step()
             if self.fused is None:
                 if acc.sync_gradients and self.average_gradients is not None:
                     self.average_gradients()

@@ -423,6 +423,37 @@ def test_fused_state_survives_save_and_load():
     assert twin[0].weight.grad is not None  # hooks gone: gradients stay for a normal step
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_fused_adafactor_from_device_scalars_matches_host_scalars(max_grad_norm):
+    """The mode CUDA graphs use: lrs and the step number in tensors filled before each step."""
+    args = O.parse_optimizer_args(BRIEF_ADAFACTOR_ARGS)
+    host, _, _ = _train("Adafactor", args, (1e-2, 1e-3), fused=True, max_grad_norm=max_grad_norm)
+    model = _model()
+    opt, _ = O.build_optimizer("Adafactor", _groups(model, (1e-2, 1e-3)), 1e-2, dict(args))
+    sched = O.build_lr_scheduler("linear", opt, 6, 2)
+    fb = FB.FusedBackward(opt, max_grad_norm=max_grad_norm)
+    assert fb.graph_blocker() is None
+    fb.use_device_scalars(torch.device("cpu"))
+    for x, y in _batches(6):
+        fb.before_step()
+        nn.functional.mse_loss(model(x), y).backward()
+        fb.after_step()
+        sched.step()
+    _assert_same(host, model, atol=1e-6)
+    assert {int(s["step"]) for s in opt.state.values()} == {6}
+    assert float(fb.lr_tensors[1]) == pytest.approx(1e-3 * 0.25)  # the last step's lr (linear, warmup 2)
+
+
+def test_fused_backward_graph_blocker():
+    model = _model()
+    adamw, _ = O.build_optimizer("AdamW", _groups(model, (1e-3, 1e-3)), 1e-3, {})
+    assert "Adafactor only" in FB.FusedBackward(adamw).graph_blocker()
+    model = _model()
+    ada, _ = O.build_optimizer("Adafactor", _groups(model, (1e-3, 1e-3)), 1e-3,
+                               O.parse_optimizer_args(BRIEF_ADAFACTOR_ARGS))
+    assert "processes" in FB.FusedBackward(ada, grad_reduce=lambda p: None).graph_blocker()
+
+
 def test_fused_backward_support_and_checks():
     for name in ["AdamW", "adafactor", "Lion", "AdamW8bit", "SGDNesterov", "torch.optim.RAdam"]:
         assert FB.optimizer_supports_fused_backward(name), name
