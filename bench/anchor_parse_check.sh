@@ -43,7 +43,7 @@ fi
 [ -d "$W/data_1024px_16/10_test" ] || python3 "$HB/harness/build_assets.py" dataset --out "$W/data_1024px_16" --n 16 --size 1024
 [ -f "$W/sdxl_random_fp16.safetensors" ] || : > "$W/sdxl_random_fp16.safetensors"
 ANCHOR_WORK="$W" ANCHOR_SITE="$SITE" ANCHOR_OURS_SITE="$W/ours_site" \
-  ANCHOR_PARSE_ONLY=1 ANCHOR_CONFIGS="${ANCHOR_CONFIGS:-H I N J K O L M P Q R}" bash "$HB/run_extra.sh" 2>&1 | tee "$W/parse_check.log"
+  ANCHOR_PARSE_ONLY=1 ANCHOR_CONFIGS="${ANCHOR_CONFIGS:-H I N J K O L M P Q R S V W X Y Z}" bash "$HB/run_extra.sh" 2>&1 | tee "$W/parse_check.log"
 ok=$(grep -cE '] parse .* rc=0:' "$W/parse_check.log" || true)
 bad=$(grep -cE '] parse .* (rc=[1-9]|skipped)' "$W/parse_check.log" || true)
 echo "parse check: $ok command lines accepted, $bad rejected or not checked (log: $W/parse_check.log)"

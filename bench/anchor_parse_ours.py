@@ -10,6 +10,8 @@ for the generator, parsing, the option checks, the output folder, the prompt pla
 Then it stops (``library.training.setup.run_training`` / ``sdxl_gen_img._build_generator`` are replaced).
 Prints ``[parse-ours] <script>: N args accepted``, exit 0; a rejected command line prints the
 script's one-line error and exits non-zero. The checkpoint file only has to exist.
+The check stands in for the GPU machine: the option checks' CUDA probe
+(``library.config.schema._cuda_available``) answers True, so ``--fp8_base`` is checked as it would be there.
 """
 
 from __future__ import annotations
@@ -39,8 +41,13 @@ def main() -> int:
     theirs = argv[i + 1:]
     proj = Path(a.proj).resolve()
     sys.path.insert(0, str(proj))
+    from library.config import schema
     from library.errors import UserError
 
+    if hasattr(schema, "_cuda_available"):  # the GPU machine's answer (--fp8_base needs CUDA)
+        schema._cuda_available = lambda: True
+    else:
+        print("[parse-ours] note: no library.config.schema._cuda_available; CUDA-only options fail on a CPU")
     script = a.script if a.mode == "train" else "sdxl_gen_img.py"
     module = runpy.run_path(str(proj / script), run_name="anchor_parse")
     if a.mode == "train":
