@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from anchor_assets import build_cond
 
-ADDED = ["H", "I", "N", "J", "K", "O", "L", "M", "P", "Q", "R"]
+ADDED = ["H", "I", "N", "J", "K", "O", "L", "M", "P", "Q", "R", "S", "V", "W", "X", "Y", "Z"]
 
 
 def _harness() -> Path | None:
@@ -49,7 +49,8 @@ def test_anchor_extra_adds_each_config_once(tmp_path):
     src = _harness()
     shutil.copy(src / "run.sh", tmp_path / "run.sh")
     (tmp_path / "harness").mkdir()
-    shutil.copy(src / "harness" / "kohya_timed.py", tmp_path / "harness" / "kohya_timed.py")
+    for name in ("kohya_timed.py", "ours_timed.py"):
+        shutil.copy(src / "harness" / name, tmp_path / "harness" / name)
     r = subprocess.run(["bash", str(ROOT / "bench" / "anchor_extra.sh"), str(tmp_path)], capture_output=True,
                        text=True, check=False)
     assert r.returncode == 0, r.stderr
@@ -64,6 +65,8 @@ def test_anchor_extra_adds_each_config_once(tmp_path):
     assert "kohya_timed_parse.py" in text  # the parse mode runs the TI-aware copy
     parse_copy = (tmp_path / "harness" / "kohya_timed_parse.py").read_text()
     assert "support_text_encoder_caching=hasattr(args" in parse_copy
+    for tool in ("kohya", "ours"):  # fused-backward configs count steps at the LR scheduler's step
+        assert "LRScheduler" in (tmp_path / "harness" / f"{tool}_timed_sched.py").read_text()
 
 
 def test_anchor_extra_stops_on_a_changed_harness(tmp_path):
@@ -72,5 +75,5 @@ def test_anchor_extra_stops_on_a_changed_harness(tmp_path):
     (tmp_path / "harness" / "kohya_timed.py").write_text("sdxl_train_util.verify_sdxl_training_args(args)\n")
     r = subprocess.run(["bash", str(ROOT / "bench" / "anchor_extra.sh"), str(tmp_path)], capture_output=True,
                        text=True, check=False)
-    assert r.returncode != 0 and "run.sh layout changed" in r.stderr
+    assert r.returncode != 0 and "layout changed" in r.stderr
     assert not (tmp_path / "run_extra.sh").exists()
