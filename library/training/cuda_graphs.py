@@ -131,14 +131,19 @@ class GraphedLoss:
 
     ``params``: every trained parameter. ``grad_buffers``: accumulate their gradients into fixed
     buffers (False when the backward consumes and frees every gradient itself: the fused backward pass).
+    ``probe``: a tensor that every step must change (default: the gradient buffers' norms); it is
+    compared once around each graph's first replay, and a graph that changed nothing turns graphs off
+    (the batch is then redone eagerly), so a capture that silently missed work can never train wrong.
     """
 
     def __init__(self, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                 backward: Callable[[torch.Tensor], None], params: list[torch.Tensor], grad_buffers: bool = True):
+                 backward: Callable[[torch.Tensor], None], params: list[torch.Tensor], grad_buffers: bool = True,
+                 probe: Callable[[], torch.Tensor] | None = None):
         self.loss_fn = loss_fn
         self.backward = backward
         self.params = params
         self.grad_buffers = grad_buffers
+        self.probe = probe or self._buffer_norms
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (param, buffer), from the first capture
         self._reached: list[torch.Tensor] | None = None  # params the first (eager) backward gave a gradient
         self.graphs: dict[tuple, _Graph] = {}
@@ -151,8 +156,14 @@ class GraphedLoss:
         """The loss of ``inputs`` (a fresh 0-dim tensor) with its gradients accumulated, as an eager step would."""
         key = _signature(inputs)
         entry = self.graphs.get(key)
+        fresh = False
         if entry is None and not self.failed and key in self.seen and len(self.graphs) < MAX_GRAPHS:
-            entry = self._capture(key, inputs)
+            entry = fresh = self._capture(key, inputs)
+        if fresh:
+            loss = self._first_replay(entry, inputs)
+            if loss is not None:
+                return loss
+            entry = None  # the graph did nothing: graphs are off, this batch runs eagerly below
         if entry is None or entry.param_ptrs != self._param_ptrs():
             if entry is not None:  # an optimizer replaced a parameter's storage: the graph reads the old one
                 logger.warning("a trained parameter moved in memory; CUDA graphs are off for the rest of the run")
@@ -165,6 +176,21 @@ class GraphedLoss:
                 self._reached = [p for p in self.params if p.grad is not None]
             return loss.detach()
         return self._replay(entry, inputs)
+
+    def _buffer_norms(self) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm([buf for _, buf in self.buffers or ()]) or [torch.zeros(())])
+
+    def _first_replay(self, entry: _Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Replay a new graph and check (one host sync) that it did its work; None when it did not."""
+        self._use_buffers()
+        before = self.probe().detach().clone()
+        loss = self._replay(entry, inputs)
+        if not torch.equal(before, self.probe()):
+            return loss
+        logger.warning("a captured CUDA graph changed no gradient or optimizer state; CUDA graphs are off "
+                       "for the rest of the run (this batch is redone eagerly)")
+        self.failed, self.graphs = True, {}
+        return None
 
     def _param_ptrs(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self.params)

@@ -180,6 +180,16 @@ class FusedBackward:
                 param_state["step"] = self._next_step
         self.optimizer._opt_called = True
 
+    def probe(self) -> torch.Tensor:
+        """A tensor every step changes: the second-moment state of one stepped parameter (for
+        :class:`library.training.cuda_graphs.GraphedLoss`, which checks a new graph did its work)."""
+        for sub in self.param_optimizers:
+            state = self.optimizer.state.get(sub.param_groups[0]["params"][0], {})
+            for key in ("exp_avg_sq_row", "exp_avg_sq"):
+                if torch.is_tensor(state.get(key)):
+                    return state[key]
+        return torch.zeros(())
+
     def _steps_taken(self) -> int:
         """The step count of the parameters' states (all equal while graphed: every replay steps them all)."""
         first = self.optimizer.state.get(self.param_optimizers[0].param_groups[0]["params"][0]) \

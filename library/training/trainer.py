@@ -199,7 +199,8 @@ class Trainer:
         self._text_in_graph = bool(getattr(self.method, "graph_text_encoding", False))
         logger.info("CUDA graphs on: each batch shape runs eagerly once, then replays as a graph%s",
                     " (text encoders included)" if self._text_in_graph else "")
-        return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params, grad_buffers=self.fused is None)
+        return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params, grad_buffers=self.fused is None,
+                           probe=self.fused.probe if self.fused is not None else None)
 
     # -----------------------------------------------------------------------------------------
     def _unet_is_mixed(self) -> bool:

@@ -436,8 +436,10 @@ def test_fused_adafactor_from_device_scalars_matches_host_scalars(max_grad_norm)
     fb.use_device_scalars(torch.device("cpu"))
     for x, y in _batches(6):
         fb.before_step()
+        before = fb.probe().clone()
         nn.functional.mse_loss(model(x), y).backward()
         fb.after_step()
+        assert not torch.equal(before, fb.probe())  # what the graph check reads: every step changes it
         sched.step()
     _assert_same(host, model, atol=1e-6)
     assert {int(s["step"]) for s in opt.state.values()} == {6}
