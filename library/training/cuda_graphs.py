@@ -156,14 +156,13 @@ class GraphedLoss:
         """The loss of ``inputs`` (a fresh 0-dim tensor) with its gradients accumulated, as an eager step would."""
         key = _signature(inputs)
         entry = self.graphs.get(key)
-        fresh = False
         if entry is None and not self.failed and key in self.seen and len(self.graphs) < MAX_GRAPHS:
-            entry = fresh = self._capture(key, inputs)
-        if fresh:
-            loss = self._first_replay(entry, inputs)
-            if loss is not None:
-                return loss
-            entry = None  # the graph did nothing: graphs are off, this batch runs eagerly below
+            entry = self._capture(key, inputs)
+            if entry is not None:
+                loss = self._first_replay(entry, inputs)
+                if loss is not None:
+                    return loss
+                entry = None  # the graph did nothing: graphs are off, this batch runs eagerly below
         if entry is None or entry.param_ptrs != self._param_ptrs():
             if entry is not None:  # an optimizer replaced a parameter's storage: the graph reads the old one
                 logger.warning("a trained parameter moved in memory; CUDA graphs are off for the rest of the run")
