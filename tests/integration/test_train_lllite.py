@@ -123,7 +123,7 @@ def test_lllite_learns_to_follow_the_condition(unit_latent_ckpt, tmp_path):
     data, cond = write_square_task(tmp_path)  # 10 repeats: 40 samples an epoch, batches of 16
     out = tmp_path / "out"
     r = run_main("sdxl_train_control_net_lllite.py",
-                 base_args(unit_latent_ckpt, data, cond, out, 100, "--learning_rate", "1e-2", "--train_batch_size",
+                 base_args(unit_latent_ckpt, data, cond, out, 60, "--learning_rate", "1e-2", "--train_batch_size",
                            "16", "--v_parameterization", "--min_timestep", "300",
                            "--network_args", "skip_output_blocks=false"))
     assert r.returncode == 0, r.stderr[-3000:]
