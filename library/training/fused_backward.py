@@ -173,9 +173,7 @@ class FusedBackward:
         """Count the step in every parameter's state (a graph replay does not run the host code that would)."""
         if self.lr_tensors is None:
             return
-        state = self.optimizer.state
-        for sub in self.param_optimizers:
-            param_state = state.get(sub.param_groups[0]["params"][0])
+        for param_state in self._param_states():
             if param_state:
                 param_state["step"] = self._next_step
         self.optimizer._opt_called = True
@@ -183,8 +181,7 @@ class FusedBackward:
     def probe(self) -> torch.Tensor:
         """A tensor every step changes: the second-moment state of one stepped parameter (for
         :class:`library.training.cuda_graphs.GraphedLoss`, which checks a new graph did its work)."""
-        for sub in self.param_optimizers:
-            state = self.optimizer.state.get(sub.param_groups[0]["params"][0], {})
+        for state in self._param_states():
             for key in ("exp_avg_sq_row", "exp_avg_sq"):
                 if torch.is_tensor(state.get(key)):
                     return state[key]
@@ -192,9 +189,13 @@ class FusedBackward:
 
     def _steps_taken(self) -> int:
         """The step count of the parameters' states (all equal while graphed: every replay steps them all)."""
-        first = self.optimizer.state.get(self.param_optimizers[0].param_groups[0]["params"][0]) \
-            if self.param_optimizers else None
+        first = next(self._param_states(), None)
         return int(first["step"]) if first else 0
+
+    def _param_states(self):
+        """The master optimizer's state of each parameter, in hook order (empty before its first step)."""
+        for sub in self.param_optimizers:
+            yield self.optimizer.state.get(sub.param_groups[0]["params"][0], {})
 
     def state_dict(self) -> dict[str, Any]:
         """The master optimizer's state dict (it holds every parameter's state)."""
