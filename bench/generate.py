@@ -1,12 +1,14 @@
 """GPU benchmark of generation: 1024x1024, 30 steps, CFG 7, euler_a, bf16, full-size random-weight SDXL.
 
-    python bench/generate.py [--images 3] [--compile] [--no_diffusers]
+    python bench/generate.py [--images 3] [--compile] [--no_diffusers] [--phases]
 
 Times our ``SDXLGenerator`` and diffusers' ``StableDiffusionXLPipeline`` on the same modules in the
 same process (prompt encoding, 30 denoising steps with CFG, VAE decode), one image at a time;
 median seconds per image after one warm-up image, and peak GPU memory. Ours runs eagerly, with the
 U-Net calls replayed as CUDA graphs (what ``sdxl_gen_img.py`` does by default), and graphed with the
 U-Net in channels_last; the graphed final latents are compared with the eager ones (same seed).
+``--phases`` also times the graphed image's parts (prompt encoding, the 30 denoising steps, the VAE
+decode to PIL images, and that decode with the VAE in channels_last).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the U-Net")
     p.add_argument("--no_diffusers", action="store_true", help="time only ours")
     p.add_argument("--dynamo_mode", default=None, help="torch.compile mode for --compile")
+    p.add_argument("--phases", action="store_true", help="also time the parts of a graphed image")
     args = p.parse_args()
     models = build_random("base", device="cuda", dtype=torch.bfloat16)
     tokenizers = load_tokenizers()
@@ -83,6 +86,15 @@ def main() -> None:
     add("ours (CUDA graphs)", run_ours)
     graphed = run_ours(7, "latent")
     rows[-1]["max_abs_latent_diff_vs_eager"] = float((graphed - eager).abs().max())
+    if args.phases:
+        final = run_ours(7, "latent")
+        add("  part: prompt encoding (2 encoders, CFG)",
+            torch.no_grad()(lambda seed: ours.conditioning([PROMPT], [NEGATIVE], 2, 3)))
+        add("  part: prompt encoding + 30 denoising steps (graphed)", lambda seed: run_ours(seed, "latent"))
+        add("  part: VAE decode to PIL", lambda seed: ours.decode(final))
+        ours.vae.to(memory_format=torch.channels_last)
+        add("  part: VAE decode to PIL, VAE in channels_last", lambda seed: ours.decode(final))
+        ours.vae.to(memory_format=torch.contiguous_format)
     ours.unet.to(memory_format=torch.channels_last)
     add("ours (CUDA graphs, channels_last)", run_ours)
     ours.unet.to(memory_format=torch.contiguous_format)
