@@ -140,6 +140,10 @@ def test_no_guidance_and_latent_output(generator):
     images = generator.generate(["a cat"], width=SIZE, height=SIZE, steps=2, guidance_scale=1.0, sampler="euler",
                                 seeds=[1])
     assert images[0].size == (SIZE, SIZE) and images[0].mode == "RGB"
+    # the 8-bit pixels are the float image rounded, exactly as numpy rounds it
+    array = generator.decode(latents, "np")
+    expected = (array * 255).round().astype("uint8")
+    assert np.array_equal(np.asarray(generator.decode(latents)[0]), expected[0])
 
 
 def test_empty_negative_prompt_gives_zero_conditioning(generator):
