@@ -14,6 +14,7 @@ Every option and the prompt syntax: docs/gen_img.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -107,36 +108,43 @@ def _generate_all(args, ga, gen, networks, jobs, highres=None, guides=None) -> l
     from library.inference import gen_features as gf
     from library.inference import pipeline as pl
     from library.inference.control import lllite_control
+    from library.inference.image_writer import ImageWriter
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     prefix = "1" if highres else ""  # sd-scripts' stage mark in the file names
     sequence = pl.next_sequence_number(outdir, prefix) if args.sequential_file_name else None
-    common, written, count = _common_params(args), [], 0
+    common, count = _common_params(args), 0
     vae_batch = ga.vae_batch(args.vae_batch_size, args.batch_size)
     control = lllite_control(gen) if guides else None  # ControlNet-LLLite: one guide image per generated image
-    for batch in ga.batches(jobs, args.batch_size):
-        s = batch[0].spec
-        if networks and not args.network_merge:
-            merged = len(args.network_weights) - len(networks)
-            pl.set_network_multipliers(networks, s.network_multipliers, skip=merged)
-        if control is not None:
-            control.prepare(gen.unet, guides[count:count + len(batch)], s.width, s.height, gen.device, gen.dtype)
-        stamp = time.strftime("%Y%m%d%H%M%S")
-        kwargs = gf.generate_kwargs(batch, args.max_embeddings_multiples, vae_batch)
-        save_first = None
-        if highres and highres.save_1st:  # the first stage's images, named with sd-scripts' "0" stage mark
-            first_names = gf.batch_names(batch, args, count, stamp, sequence, "0")
-            save_first = lambda imgs, kw: written.extend(  # noqa: E731
-                gf.save_images(args, outdir, batch, imgs, first_names, common, kw))
-        images = gf.run_batch(gen, batch, args, kwargs, highres, save_first)
-        if control is not None:
-            control.clear()
-        names = gf.batch_names(batch, args, count, stamp, sequence, prefix)
-        written.extend(gf.save_images(args, outdir, batch, images, names, common))
-        count += len(batch)
-        sequence = sequence + len(batch) if sequence is not None else None
-    return written
+    with ImageWriter() as writer:  # PNGs are compressed and written while the GPU makes the next batch
+        for batch in ga.batches(jobs, args.batch_size):
+            s = batch[0].spec
+            if networks and not args.network_merge:
+                merged = len(args.network_weights) - len(networks)
+                pl.set_network_multipliers(networks, s.network_multipliers, skip=merged)
+            if control is not None:
+                control.prepare(gen.unet, guides[count:count + len(batch)], s.width, s.height, gen.device, gen.dtype)
+            stamp = time.strftime("%Y%m%d%H%M%S")
+            kwargs = gf.generate_kwargs(batch, args.max_embeddings_multiples, vae_batch)
+            save_first = None
+            if highres and highres.save_1st:  # the first stage's images, named with sd-scripts' "0" stage mark
+                first_names = gf.batch_names(batch, args, count, stamp, sequence, "0")
+                save_first = functools.partial(_save_first, writer, args, outdir, batch, first_names, common)
+            images = gf.run_batch(gen, batch, args, kwargs, highres, save_first)
+            if control is not None:
+                control.clear()
+            names = gf.batch_names(batch, args, count, stamp, sequence, prefix)
+            writer.submit(gf.save_images, args, outdir, batch, images, names, common)
+            count += len(batch)
+            sequence = sequence + len(batch) if sequence is not None else None
+    return writer.results
+
+
+def _save_first(writer, args, outdir, batch, names, common, images, first_stage) -> None:
+    from library.inference import gen_features as gf
+
+    writer.submit(gf.save_images, args, outdir, batch, images, names, common, first_stage)
 
 
 def _guides(args, jobs) -> list[str] | None:
