@@ -1,6 +1,6 @@
 """Writing generated images while the GPU makes the next ones.
 
-A 1024² PNG takes the host some 0.1 s to compress (zlib, which releases the GIL): done inline, the GPU
+A 1024² PNG takes the host 0.1-0.2 s to compress (zlib, which releases the GIL): done inline, the GPU
 waits for it after every batch. :class:`ImageWriter` runs the writes on one worker thread, in the
 order they were handed over, and keeps at most a few batches waiting (their images are in host
 memory). The first write error is raised in the caller's thread, at its next call.
