@@ -142,8 +142,7 @@ class Adafactor(torch.optim.Optimizer):
         lr: float | torch.Tensor = rel
         if group["scale_parameter"]:
             rms = p32.flatten(1).norm(2, dim=1) / numel_sqrt
-            for state, value in zip(states, rms.unbind(0)):
-                state["RMS"] = value
+            _store_rms(states, rms)
             lr = rms.clamp(min=group["eps"][1]).mul_(rel).view(bcast)
         beta2t = 1.0 - math.pow(step, group["decay_rate"]) if step_t is None else 1.0 - step_t.pow(group["decay_rate"])
         update = (grad ** 2) + group["eps"][0]
@@ -181,6 +180,21 @@ class Adafactor(torch.optim.Optimizer):
         p32.add_(-update)
         if half or not single:
             torch._foreach_copy_(params, list(p32.unbind(0)))
+
+
+def _store_rms(states: list[dict], rms: torch.Tensor) -> None:
+    """Each state's ``"RMS"``: its own 0-dim tensor, written in place once it exists.
+
+    In place, so that a CUDA graph that replays this update writes the tensor the state holds (a
+    tensor assigned while capturing would be graph memory that the next replay of another graph
+    reuses); made on the first update, or when a loaded state holds a number or another dtype.
+    """
+    held = [state.get("RMS") for state in states]
+    if all(torch.is_tensor(t) and t.dim() == 0 and t.dtype == rms.dtype and t.device == rms.device for t in held):
+        torch._foreach_copy_(held, list(rms.unbind(0)))
+    else:
+        for state, value in zip(states, rms.unbind(0)):
+            state["RMS"] = value.clone()
 
 
 def _decay_(avg: torch.Tensor, beta: float | torch.Tensor, value: torch.Tensor) -> None:

@@ -224,23 +224,36 @@ class GraphedLoss:
                 self.buffers = [(p, torch.zeros_like(p)) for p in self._reached or ()]
             held = [p.grad for p in self.params]
             self._use_buffers()  # the graph adds into the buffers (autograd accumulates in place)
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                loss = self.loss_fn(static)
-                self.backward(loss)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    loss = self.loss_fn(static)
+                    self.backward(loss)
+                strays = self._stray_gradients(held)
+            finally:
+                # Capturing ran no kernels: the gradients are as before it (also when it raised part-way,
+                # leaving never-computed graph memory as some .grad), and the replay adds this batch's.
+                for p, g in zip(self.params, held):
+                    p.grad = g
+            if strays:
+                raise RuntimeError(f"the graph reaches {strays} trained tensor(s) the first batch gave no gradient")
         except Exception as exc:
             logger.warning("CUDA graph capture failed (%s); the rest of the run steps eagerly", first_error(exc))
             logger.debug("CUDA graph capture failure", exc_info=exc)
             self.failed = True
             return None
-        # Capturing ran no kernels: the gradients are as before it, and the replay that follows adds this batch's.
-        for p, g in zip(self.params, held):
-            p.grad = g
         input_grads = {k: v.grad for k, v in static.items() if v.grad is not None}
         entry = _Graph(graph, static, loss.detach(), input_grads, self._param_ptrs())
         self.graphs[key] = entry
         logger.info("captured a CUDA graph for %s", ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(inputs.items())
                                                               if v.ndim > 1))
         return entry
+
+    def _stray_gradients(self, held: list) -> int:
+        """How many parameters without a buffer the capture gave a gradient (the replays would drop it)."""
+        if not self.grad_buffers:  # the fused backward consumes every gradient inside the graph
+            return 0
+        buffered = {id(p) for p, _ in self.buffers or ()}
+        return sum(1 for p, g in zip(self.params, held) if id(p) not in buffered and p.grad is not g)
 
     def _replay(self, entry: _Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self._use_buffers()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+#: fp32 bytes of weights copied to the host before the CPU folds them in (--ema_on_cpu)
+HOST_CHUNK_BYTES = 256 << 20
+
 
 class EMA:
     """``shadow = decay * shadow + (1 - decay) * param`` every ``update_every`` optimizer steps.
@@ -28,9 +31,22 @@ class EMA:
         if global_step % self.update_every:
             return
         self.updates += 1
+        weight = 1.0 - self.decay
+        pending: list[tuple[torch.Tensor, torch.Tensor, torch.device]] = []  # (shadow, host copy, source)
+        size = 0
         for name, p in self.params.items():
             s = self.shadow[name]
-            s.lerp_(p.detach().to(s.device, torch.float32, non_blocking=True), 1.0 - self.decay)
+            if s.device == p.device:
+                s.lerp_(p.detach().to(torch.float32), weight)
+                continue
+            # a non-blocking copy to the host returns before the data is there: the copies of a chunk are
+            # queued together, then waited for once, before the CPU reads them
+            pending.append((s, p.detach().to(s.device, torch.float32, non_blocking=True), p.device))
+            size += s.numel() * 4
+            if size >= HOST_CHUNK_BYTES:
+                _fold_when_copied(pending, weight)
+                size = 0
+        _fold_when_copied(pending, weight)
 
     @torch.no_grad()
     def copy_to(self, named_params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -49,3 +65,12 @@ class EMA:
         for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)
         self.updates = state["updates"]
+
+
+def _fold_when_copied(pending: list[tuple[torch.Tensor, torch.Tensor, torch.device]], weight: float) -> None:
+    """Wait for the queued copies, then fold each into its shadow; empties ``pending``."""
+    for device in {source for _, _, source in pending if source.type == "cuda"}:
+        torch.cuda.current_stream(device).synchronize()
+    for shadow, host, _ in pending:
+        shadow.lerp_(host, weight)
+    pending.clear()

@@ -102,6 +102,7 @@ class FusedBackward:
         self.lr_tensors: list[torch.Tensor] | None = None  # per master group (use_device_scalars)
         self.step_tensor: torch.Tensor | None = None
         self._group_of: list[int] = []  # the master group of each per-parameter optimizer
+        self._graph_param: torch.Tensor | None = None  # the first parameter stepped while a graph was captured
         seen: set[int] = set()
         for index, group in enumerate(self.optimizer.param_groups):
             hyper = {key: value for key, value in group.items() if key != "params"}
@@ -130,6 +131,9 @@ class FusedBackward:
                 sub_group["lr"] = master.param_groups[group_index]["lr"]
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(param, clip)
+            if self._graph_param is None and self.lr_tensors is not None and param.is_cuda \
+                    and torch.cuda.is_current_stream_capturing():
+                self._graph_param = param
             sub.step()
             param.grad = None
             master._opt_called = True  # what torch's LR schedulers check to see the optimizer stepped
@@ -179,18 +183,21 @@ class FusedBackward:
         self.optimizer._opt_called = True
 
     def probe(self) -> torch.Tensor:
-        """A tensor every step changes: the second-moment state of one stepped parameter (for
-        :class:`library.training.cuda_graphs.GraphedLoss`, which checks a new graph did its work)."""
-        for state in self._param_states():
+        """A tensor every step changes: the second-moment state of a parameter stepped inside a captured
+        graph (for :class:`library.training.cuda_graphs.GraphedLoss`, which checks that a new graph did
+        its work; a parameter stepped eagerly after the replay, such as a text encoder's, would not tell)."""
+        graphed = self._graph_param
+        states = [self.optimizer.state.get(graphed, {})] if graphed is not None else self._param_states()
+        for state in states:
             for key in ("exp_avg_sq_row", "exp_avg_sq"):
                 if torch.is_tensor(state.get(key)):
                     return state[key]
         return torch.zeros(())
 
     def _steps_taken(self) -> int:
-        """The step count of the parameters' states (all equal while graphed: every replay steps them all)."""
-        first = next(self._param_states(), None)
-        return int(first["step"]) if first else 0
+        """The step count of the parameters' states: the highest (a parameter that never had a gradient
+        has none; while graphed, every replay steps all the others)."""
+        return max((int(state["step"]) for state in self._param_states() if "step" in state), default=0)
 
     def _param_states(self):
         """The master optimizer's state of each parameter, in hook order (empty before its first step)."""

@@ -117,3 +117,85 @@ def test_full_fine_tune_graphed_equals_eager(tiny_ckpt, dataset, tmp_path, extra
         rel = float((a - b).norm() / a.norm())
         assert rel < 5e-2, (key, rel)
     assert moved > len(unet) // 2  # it trained
+
+
+# ---- GraphedLoss on its own: the fallbacks ---------------------------------------------------------------
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"body": torch.nn.Linear(8, 16), "a": torch.nn.Linear(16, 1),
+                                "b": torch.nn.Linear(16, 1)}).cuda()
+
+
+def _loss(net, x: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(net["body"](x))
+    out = net["a"](h)
+    if x.shape[0] == 4:  # only batches of 4 reach head b
+        out = out + net["b"](h)
+    return out.square().mean()
+
+
+def _batches(sizes):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    return [torch.randn(n, 8, device="cuda", generator=g) for n in sizes]
+
+
+def test_a_graph_reaching_a_tensor_the_first_batch_did_not_steps_eagerly():
+    """Head b first gets a gradient in a captured batch of 4: it has no buffer, so that capture must not be used."""
+    from library.training.cuda_graphs import GraphedLoss
+
+    sizes = [2, 2, 4, 4, 2, 4, 4]
+    eager_net, graphed_net = _net(), _net()
+    results = []
+    for net, graphed in ((eager_net, False), (graphed_net, True)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        gl = GraphedLoss(lambda inputs, net=net: _loss(net, inputs["x"]), lambda loss: loss.backward(),
+                         list(net.parameters()))
+        for x in _batches(sizes):
+            if graphed:
+                gl.loss_and_backward({"x": x})
+            else:
+                _loss(net, x).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append(gl)
+    assert results[1].failed and results[1].replays >= 1  # the batch-2 graph replayed; the batch-4 capture refused
+    for a, b in zip(eager_net.parameters(), graphed_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_capture_that_fails_part_way_leaves_no_gradient_behind():
+    """An error inside one parameter's optimizer step while capturing (an out-of-memory error, say):
+    the batch is redone eagerly and every update equals the eager run's."""
+    from library.training.adafactor import Adafactor
+    from library.training.cuda_graphs import GraphedLoss
+    from library.training.fused_backward import FusedBackward
+
+    sizes = [2, 2, 2, 2, 2]
+    nets, runs = (_net(), _net()), []
+    for net, graphed in zip(nets, (False, True)):
+        opt = Adafactor(net.parameters(), lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False)
+        fb = FusedBackward(opt)
+        fb.use_device_scalars(torch.device("cuda"))
+        if graphed:
+            victim = fb.param_optimizers[1]  # the second hook to run raises while capturing
+            real_step = victim.step
+
+            def step(*args, real_step=real_step, **kwargs):
+                if torch.cuda.is_current_stream_capturing():
+                    raise torch.cuda.OutOfMemoryError("injected")
+                return real_step(*args, **kwargs)
+            victim.step = step
+        gl = GraphedLoss(lambda inputs, net=net: _loss(net, inputs["x"]), lambda loss: loss.backward(),
+                         list(net.parameters()), grad_buffers=False, probe=fb.probe)
+        for x in _batches(sizes):
+            fb.before_step()
+            if graphed:
+                gl.loss_and_backward({"x": x})
+            else:
+                _loss(net, x).backward()
+            fb.after_step()
+        runs.append(gl)
+    assert runs[1].failed and not runs[1].graphs
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert b.grad is None

@@ -119,3 +119,27 @@ def test_step_and_lr_from_device_tensors_give_the_same_update(kwargs, dtype):
     for a, b in zip(host_params, tensor_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 1e-2)
     assert all(s["step"] == 4 for s in opt.state.values())  # the host count goes on as before
+
+
+def test_rms_is_one_tensor_per_state_written_in_place():
+    """A CUDA graph replaying the update writes the RMS tensor the state holds, so it must stay the same object."""
+    params = _params(torch.float32)
+    opt = batched.Adafactor(params, **CONFIGS[1])  # parameter scaling: RMS is computed
+    g = torch.Generator().manual_seed(3)
+    held = None
+    for _ in range(3):
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        rms = [opt.state[p]["RMS"] for p in params]
+        if held is not None:
+            assert all(a is b for a, b in zip(held, rms))
+        held = rms
+        for w, value in zip(before, rms):  # the RMS of the weights the step started from
+            torch.testing.assert_close(value, w.norm() / w.numel() ** 0.5)
+    opt.state[params[0]]["RMS"] = 0.5  # a loaded state may hold a number: it becomes a tensor again
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    assert torch.is_tensor(opt.state[params[0]]["RMS"])

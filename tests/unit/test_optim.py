@@ -499,3 +499,20 @@ def test_fused_backward_on_cuda_matches_and_has_no_host_sync(name, args):
         results.append(model)
         assert fb is None or len(fb) == 6
     _assert_same(*results, atol=1e-5)
+
+
+def test_fused_step_count_ignores_a_parameter_that_never_had_a_gradient():
+    """The device step number comes from the states that exist: an unused tensor listed first has none."""
+    model = _model()
+    unused = nn.Parameter(torch.zeros(4))
+    groups = _groups(model, (1e-2, 1e-3))
+    groups[0]["params"].insert(0, unused)
+    opt, _ = O.build_optimizer("Adafactor", groups, 1e-2, O.parse_optimizer_args(BRIEF_ADAFACTOR_ARGS))
+    fb = FB.FusedBackward(opt)
+    fb.use_device_scalars(torch.device("cpu"))
+    for x, y in _batches(3):
+        fb.before_step()
+        nn.functional.mse_loss(model(x), y).backward()
+        fb.after_step()
+    assert float(fb.step_tensor) == 3 and fb._steps_taken() == 3
+    assert not opt.state.get(unused)
