@@ -88,9 +88,17 @@ def test_lllite_graphed_equals_eager(tiny_ckpt, tmp_path):
     assert_same_training(eager, graphed, log, captures=1)
 
 
+SCALED = ("--optimizer_args", "scale_parameter=True", "relative_step=False", "warmup_init=False")
+RELATIVE = ("--optimizer_args", "scale_parameter=True", "relative_step=True", "warmup_init=False",
+            "--lr_scheduler", "adafactor")
+
+
 @pytest.mark.parametrize("extra", [("--full_bf16",), ("--full_bf16", "--fused_backward_pass"),
-                                   ("--full_bf16", "--gradient_accumulation_steps", "2"), ()],
-                         ids=["full_bf16", "fused_backward", "accumulation", "fp32_master_autocast"])
+                                   ("--full_bf16", "--gradient_accumulation_steps", "2"), (),
+                                   ("--full_bf16", "--fused_backward_pass", *SCALED),
+                                   ("--full_bf16", "--fused_backward_pass", *RELATIVE)],
+                         ids=["full_bf16", "fused_backward", "accumulation", "fp32_master_autocast",
+                              "fused_scale_parameter", "fused_relative_step"])
 def test_full_fine_tune_graphed_equals_eager(tiny_ckpt, dataset, tmp_path, extra):
     """The U-Net's own weights, Adafactor (the brief's recipe): graphed updates equal eager ones.
 
