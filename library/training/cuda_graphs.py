@@ -177,7 +177,8 @@ class GraphedLoss:
         return self._replay(entry, inputs)
 
     def _buffer_norms(self) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm([buf for _, buf in self.buffers or ()]) or [torch.zeros(())])
+        buffers = [buf for _, buf in self.buffers or ()]
+        return torch.stack(torch._foreach_norm(buffers)) if buffers else torch.zeros(())
 
     def _first_replay(self, entry: _Graph, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Replay a new graph and check (one host sync) that it did its work; None when it did not."""

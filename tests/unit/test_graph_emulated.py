@@ -1,0 +1,159 @@
+"""GraphedLoss on the CPU through the graph emulation (tests/graph_emulator.py): graphed training equals eager.
+
+The real thing runs on a GPU (tests/gpu/test_cuda_graphs.py); this checks in CI what does not need one:
+that nothing a step changes is baked into a graph as a host value (learning rates, step numbers,
+Adafactor's factors), that gradients accumulate into the buffers across batch shapes and accumulation
+windows, and the fallbacks (a capture failing part-way, a graph reaching a tensor without a buffer).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from library.training import fused_backward as FB
+from library.training import optim as O
+from library.training.cuda_graphs import GraphedLoss
+from tests import graph_emulator
+
+BRIEF = O.parse_optimizer_args(["scale_parameter=False", "relative_step=False", "warmup_init=False"])
+SCALED = O.parse_optimizer_args(["scale_parameter=True", "relative_step=False", "beta1=0.9", "weight_decay=0.1"])
+SIZES = [8, 8, 4, 8, 4, 4, 8, 4, 8, 8, 4, 4]  # two batch shapes, in mixed order: two graphs
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    graph_emulator.install(monkeypatch)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batches(sizes):
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(n, 6, generator=gen), torch.randn(n, 3, generator=gen)) for n in sizes]
+
+
+def _train(graphed: bool, optimizer: str, args: dict, fused: bool, accumulation: int = 1, clip=None,
+           scheduler: str = "linear", device_scalars: bool = True):
+    """Train on SIZES the way Trainer.step does; returns (model, GraphedLoss or None)."""
+    model = _model()
+    groups = [{"params": list(model[0].parameters()) + list(model[2].parameters()), "lr": 1e-2},
+              {"params": list(model[4].parameters()), "lr": 1e-3}]
+    opt, _ = O.build_optimizer(optimizer, groups, 1e-2, dict(args))
+    steps = len(SIZES) // accumulation
+    sched = O.build_lr_scheduler(scheduler, opt, steps, 0 if scheduler == "adafactor" else 2)
+    fb = FB.fused_backward_step(opt, max_grad_norm=clip) if fused else None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gl = None
+    if graphed:
+        if fb is not None and device_scalars:
+            fb.use_device_scalars(torch.device("cpu"))
+        gl = GraphedLoss(lambda b: nn.functional.mse_loss(model(b["x"]), b["y"]),
+                         lambda loss: (loss / accumulation).backward(), params, grad_buffers=fb is None,
+                         probe=fb.probe if fb is not None else None)
+    batches = iter(_batches(SIZES))
+    for _ in range(steps):
+        for _ in range(accumulation):
+            x, y = next(batches)
+            if fb is not None:
+                fb.before_step()
+            if gl is not None:
+                gl.loss_and_backward({"x": x, "y": y})
+            else:
+                (nn.functional.mse_loss(model(x), y) / accumulation).backward()
+            if fb is not None:
+                fb.after_step()
+        if fb is None:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+    return model, gl
+
+
+@torch.no_grad()
+def _largest_difference(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p - q).abs().max() / p.abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+CASES = {
+    "buffers AdamW": dict(optimizer="AdamW", args={}, fused=False),
+    "buffers AdamW, accumulation 3, clipping": dict(optimizer="AdamW", args={}, fused=False, accumulation=3, clip=0.1),
+    "buffers Adafactor, accumulation 2": dict(optimizer="Adafactor", args=BRIEF, fused=False, accumulation=2),
+    "fused Adafactor (the brief's)": dict(optimizer="Adafactor", args=BRIEF, fused=True),
+    "fused Adafactor, clipping": dict(optimizer="Adafactor", args=BRIEF, fused=True, clip=0.05),
+    "fused Adafactor, scaling, beta1, decay": dict(optimizer="Adafactor", args=SCALED, fused=True),
+    "fused Adafactor, relative step": dict(optimizer="Adafactor", args={}, fused=True, scheduler="adafactor"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_graphed_training_equals_eager(case):
+    kwargs = CASES[case]
+    eager, _ = _train(False, **kwargs)
+    graphed, gl = _train(True, **kwargs)
+    assert not gl.failed and len(gl.graphs) == 2 and gl.replays >= len(SIZES) // 2
+    # the fused Adafactor computes its step factors in fp32 on the device instead of fp64 on the host
+    assert _largest_difference(eager, graphed) < (1e-5 if kwargs["fused"] else 1e-6)
+
+
+def test_the_emulation_sees_host_numbers_baked_into_a_graph():
+    """The control: a fused optimizer reading its lr and step from host numbers trains differently when replayed."""
+    eager, _ = _train(False, "Adafactor", BRIEF, fused=True)
+    baked, gl = _train(True, "Adafactor", BRIEF, fused=True, device_scalars=False)
+    assert gl.replays > 0 and _largest_difference(eager, baked) > 1e-3
+
+
+def test_a_capture_failing_part_way_leaves_no_gradient_behind(monkeypatch):
+    """One parameter's optimizer step raises while capturing (as an out-of-memory error would): the run
+    goes on eagerly and equals the eager run (a gradient left from the capture would be added to the redo)."""
+    real = FB.FusedBackward.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        victim = self.param_optimizers[2]
+        step = victim.step
+
+        def failing(*a, **k):
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("CUDA out of memory (injected)")
+            return step(*a, **k)
+        victim.step = failing
+    monkeypatch.setattr(FB.FusedBackward, "__init__", init)
+    eager, _ = _train(False, "Adafactor", BRIEF, fused=True)
+    graphed, gl = _train(True, "Adafactor", BRIEF, fused=True)
+    assert gl.failed and not gl.graphs
+    assert _largest_difference(eager, graphed) < 1e-5
+    assert all(p.grad is None for p in graphed.parameters())
+
+
+def test_a_graph_reaching_a_tensor_without_a_buffer_is_not_used():
+    """Head b gets its first gradient in a batch that is captured: its replays would drop that gradient."""
+    torch.manual_seed(0)
+    nets = [nn.ModuleDict({"body": nn.Linear(6, 8), "a": nn.Linear(8, 1), "b": nn.Linear(8, 1)}) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+
+    def loss_of(net, x):
+        h = torch.tanh(net["body"](x))
+        out = net["a"](h) + (net["b"](h) if x.shape[0] == 4 else 0)
+        return out.square().mean()
+
+    sizes = [2, 2, 4, 4, 2, 4, 4]
+    gl = GraphedLoss(lambda b: loss_of(nets[1], b["x"]), lambda loss: loss.backward(), list(nets[1].parameters()))
+    for net, graphed in zip(nets, (False, True)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x in _batches(sizes):
+            x = x[0]
+            if graphed:
+                gl.loss_and_backward({"x": x})
+            else:
+                loss_of(net, x).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert gl.failed and gl.replays >= 1  # the batch-2 graph replays; the batch-4 capture was refused
+    assert _largest_difference(nets[0], nets[1]) < 1e-6
