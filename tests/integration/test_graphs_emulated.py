@@ -1,0 +1,114 @@
+"""The trainers with ``--cuda_graphs auto`` on the CPU, through the graph emulation (tests/graph_emulator.py).
+
+The same runs as tests/gpu/test_cuda_graphs.py, in CI: each case trains the tiny model twice in this
+process, eagerly and with graphs (two bucket shapes, replayed in mixed order), and compares the saved
+files. What this checks is the trainers' side of the graphs (which batches are captured, the gradient
+buffers, gradient accumulation, the fused optimizer's device scalars before and after each step, text
+encoders inside and outside the graph); what only a GPU shows is left to the GPU tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.training import cuda_graphs
+from tests import graph_emulator
+from tests.conftest import run_main
+from tests.integration.test_train_network import train_args
+from tests.integration.test_train_textual_inversion import ti_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    """Graphs on a CPU: the emulation, and the device check answered as on a GPU."""
+    graph_emulator.install(monkeypatch)
+    real = cuda_graphs.graph_blocker
+
+    def blocker(cfg, accelerator, method, fused=None):
+        as_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=accelerator.num_processes)
+        return real(cfg, as_gpu, method, fused)
+    monkeypatch.setattr(cuda_graphs, "graph_blocker", blocker)
+
+
+@pytest.fixture()
+def dataset(tiny_model_dir, tmp_path) -> Path:
+    dst = tmp_path / "train"
+    shutil.copytree(tiny_model_dir / "train", dst)
+    return dst
+
+
+def train_twice(script: str, make_argv, tmp_path: Path, out_file: str, monkeypatch,
+                same_arithmetic: bool = False) -> tuple[dict, dict]:
+    """(reference weights, graphed weights). The reference is ``--cuda_graphs off``, or with
+    ``same_arithmetic`` the graphed run's own code with no graph ever captured (eager steps): the fused
+    Adafactor then reads the same fp32 device scalars, whose difference from the host's fp64 factors
+    grows over a run (unit tests bound it per step)."""
+    weights = []
+    for mode in ("reference", "auto"):
+        out = tmp_path / f"out_{mode}"
+        with monkeypatch.context() as m:
+            if mode == "reference" and same_arithmetic:
+                m.setattr(cuda_graphs, "MAX_GRAPHS", 0)
+            flag = "off" if mode == "reference" and not same_arithmetic else "auto"
+            r = run_main(script, [*make_argv(out), "--cuda_graphs", flag])
+        assert r.returncode == 0, r.stderr[-3000:]
+        if mode == "auto":
+            assert "CUDA graphs on" in r.stderr and r.stderr.count("captured a CUDA graph") >= 2, r.stderr[-3000:]
+            assert "capture failed" not in r.stderr and "changed no" not in r.stderr, r.stderr[-3000:]
+        weights.append(load_file(out / out_file))
+    return weights[0], weights[1]
+
+
+def assert_same(eager: dict, graphed: dict, tol: float = 1e-5) -> None:
+    assert eager.keys() == graphed.keys()
+    for key, tensor in eager.items():
+        a, b = tensor.float(), graphed[key].float()
+        assert float((a - b).abs().max()) <= tol * max(float(a.abs().max()), 1e-6), key
+
+
+def test_lora_with_checkpointing_and_accumulation(tiny_ckpt, dataset, tmp_path, monkeypatch):
+    eager, graphed = train_twice(
+        "sdxl_train_network.py",
+        lambda out: train_args(tiny_ckpt, dataset, out, 8, "--gradient_checkpointing",
+                               "--gradient_accumulation_steps", "2")[1:], tmp_path, "lora.safetensors", monkeypatch)
+    assert_same(eager, graphed)
+    assert any(v.abs().sum() > 0 for k, v in graphed.items() if k.endswith("lora_up.weight"))  # it trained
+
+
+def test_textual_inversion_encoders_inside_the_graph(tiny_ckpt, dataset, tmp_path, monkeypatch):
+    eager, graphed = train_twice(
+        "sdxl_train_textual_inversion.py",
+        lambda out: ti_args(tiny_ckpt, dataset, out, 8, "--save_model_as", "safetensors"), tmp_path,
+        "sks.safetensors", monkeypatch)
+    assert_same(eager, graphed)
+
+
+def test_full_fine_tune_with_the_optimizer_inside_the_graph(tiny_ckpt, dataset, tmp_path, monkeypatch):
+    """Fused Adafactor (the brief's full fine-tune): the optimizer steps replay with the backward
+    (checkpointing and accumulation in the graphs are the LoRA case's; the buffers are the same code)."""
+    from tests.integration.test_train import ADAFACTOR, base_args
+
+    def argv(out: Path) -> list[str]:
+        return [*base_args(tiny_ckpt, dataset, out), *ADAFACTOR, "--learning_rate", "1e-2", "--max_train_steps", "8",
+                "--save_model_as", "safetensors", "--save_precision", "float", "--train_batch_size", "2",
+                "--fused_backward_pass"]
+
+    eager, graphed = train_twice("sdxl_train.py", argv, tmp_path, "ft.safetensors", monkeypatch, same_arithmetic=True)
+    initial = load_file(tiny_ckpt)
+    unet = [k for k in eager if k.startswith("model.diffusion_model.")]
+    moved = 0
+    for key in unet:  # compared as updates: the weights themselves barely move
+        a, b = eager[key].float() - initial[key].float(), graphed[key].float() - initial[key].float()
+        if a.norm() == 0:
+            continue
+        moved += 1
+        assert float((a - b).norm() / a.norm()) < 1e-5, key
+    assert moved > len(unet) // 2
