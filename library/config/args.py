@@ -197,10 +197,10 @@ _PRECISION = [
     flag("dynamo_dynamic", "With --torch_compile: dynamic shapes (dynamic=True), one compile serves every bucket "
          "resolution and batch size; without it each distinct shape compiles once (static, fastest kernels)."),
     opt("cuda_graphs", "Replay the U-Net forward, loss and backward (LoRA, LLLite, textual inversion, full "
-        "fine-tuning; with --fused_backward_pass and Adafactor the optimizer steps too) as a CUDA graph per batch "
-        "shape, removing the host's kernel-launch time (the first batch of each shape runs eagerly). auto: on "
-        "where safe (one CUDA process, no fp16 loss scaling, no host-side dropout choices; the log says why when "
-        "off); off: always eager.", type=str, default="auto", choices=("auto", "off")),
+        "fine-tuning) as a CUDA graph per batch shape, removing the host's kernel-launch time (the first batch "
+        "of each shape runs eagerly). auto: on where safe (one CUDA process, no fp16 loss scaling, no fused "
+        "backward pass, no host-side dropout choices; the log says why when off); off: always eager.",
+        type=str, default="auto", choices=("auto", "off")),
     flag("fused_backward_pass", "Step the optimizer for each parameter inside the backward pass, freeing its "
          "gradient at once (needs --gradient_accumulation_steps 1)."),
     opt("fused_optimizer_groups", "Split the trained parameters into N groups, each with its own optimizer "

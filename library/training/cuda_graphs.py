@@ -22,10 +22,11 @@ How a step runs here (:meth:`GraphedLoss.loss_and_backward`):
   bucket shapes cost the memory of the largest one, not the sum.
 
 Full fine-tuning is graphed too: the U-Net's gradients land in the buffers like an adapter's
-(the memory an eager backward gives them), and with ``--fused_backward_pass`` and Adafactor the
-optimizer steps run inside the graph's backward, reading their learning rates and step number from
+(the memory an eager backward gives them). With ``--fused_backward_pass`` and Adafactor the
+optimizer steps can run inside the graph's backward, reading their learning rates and step number from
 device tensors (``library.training.fused_backward``), so no gradient outlives the replay and there
-are no buffers (``grad_buffers=False``).
+are no buffers (``grad_buffers=False``); that is off until validated on a GPU
+(``fused_backward.GRAPHED_STEPS``).
 
 Only what is safe is graphed (:func:`graph_blocker`): one process, a CUDA device, no fp16
 GradScaler, no host-side randomness, no optimizer inside the backward unless it reads its
