@@ -158,25 +158,12 @@ def _batches(sizes):
 
 def test_a_graph_reaching_a_tensor_the_first_batch_did_not_steps_eagerly():
     """Head b first gets a gradient in a captured batch of 4: it has no buffer, so that capture must not be used."""
-    from library.training.cuda_graphs import GraphedLoss
+    from tests.graph_scenarios import two_head_run
 
-    sizes = [2, 2, 4, 4, 2, 4, 4]
-    eager_net, graphed_net = _net(), _net()
-    results = []
-    for net, graphed in ((eager_net, False), (graphed_net, True)):
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        gl = GraphedLoss(lambda inputs, net=net: _loss(net, inputs["x"]), lambda loss: loss.backward(),
-                         list(net.parameters()))
-        for x in _batches(sizes):
-            if graphed:
-                gl.loss_and_backward({"x": x})
-            else:
-                _loss(net, x).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        results.append(gl)
-    assert results[1].failed and results[1].replays >= 1  # the batch-2 graph replayed; the batch-4 capture refused
-    for a, b in zip(eager_net.parameters(), graphed_net.parameters()):
+    eager, _ = two_head_run("cuda", graphed=False)
+    graphed, gl = two_head_run("cuda", graphed=True)
+    assert gl.failed and gl.replays >= 1  # the batch-2 graph replayed; the batch-4 capture refused
+    for a, b in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -16,6 +16,7 @@ from library.training import fused_backward as FB
 from library.training import optim as O
 from library.training.cuda_graphs import GraphedLoss
 from tests import graph_emulator
+from tests.graph_scenarios import two_head_run
 
 BRIEF = O.parse_optimizer_args(["scale_parameter=False", "relative_step=False", "warmup_init=False"])
 SCALED = O.parse_optimizer_args(["scale_parameter=True", "relative_step=False", "beta1=0.9", "weight_decay=0.1"])
@@ -134,26 +135,7 @@ def test_a_capture_failing_part_way_leaves_no_gradient_behind(monkeypatch):
 
 def test_a_graph_reaching_a_tensor_without_a_buffer_is_not_used():
     """Head b gets its first gradient in a batch that is captured: its replays would drop that gradient."""
-    torch.manual_seed(0)
-    nets = [nn.ModuleDict({"body": nn.Linear(6, 8), "a": nn.Linear(8, 1), "b": nn.Linear(8, 1)}) for _ in range(2)]
-    nets[1].load_state_dict(nets[0].state_dict())
-
-    def loss_of(net, x):
-        h = torch.tanh(net["body"](x))
-        out = net["a"](h) + (net["b"](h) if x.shape[0] == 4 else 0)
-        return out.square().mean()
-
-    sizes = [2, 2, 4, 4, 2, 4, 4]
-    gl = GraphedLoss(lambda b: loss_of(nets[1], b["x"]), lambda loss: loss.backward(), list(nets[1].parameters()))
-    for net, graphed in zip(nets, (False, True)):
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        for x in _batches(sizes):
-            x = x[0]
-            if graphed:
-                gl.loss_and_backward({"x": x})
-            else:
-                loss_of(net, x).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    eager, _ = two_head_run("cpu", graphed=False)
+    graphed, gl = two_head_run("cpu", graphed=True)
     assert gl.failed and gl.replays >= 1  # the batch-2 graph replays; the batch-4 capture was refused
-    assert _largest_difference(nets[0], nets[1]) < 1e-6
+    assert _largest_difference(eager, graphed) < 1e-6
