@@ -31,7 +31,14 @@ def first_error(exc: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], T]) -> T:
-    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit 2."""
+    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit 2.
+
+    First, before anything starts CUDA, the allocator setting every script runs with
+    (:func:`library.cuda_allocator.prefer_expandable_segments`).
+    """
+    from library.cuda_allocator import prefer_expandable_segments
+
+    prefer_expandable_segments()
     try:
         return main()
     except UserError as exc:

@@ -75,7 +75,8 @@ def run_main(script: str, argv: list[str], cwd: Path | None = None) -> ScriptRes
 
     What a run changes process-wide is put back afterwards: sys.argv, sys.path, the working folder,
     the root logger's handlers and level (the scripts call ``logging.basicConfig(force=True)``),
-    accelerate's singletons, torch's default dtype and thread count.
+    accelerate's singletons, torch's default dtype and thread count, the environment (the scripts set
+    the CUDA allocator's variable).
     """
     import contextlib
     import io
@@ -87,6 +88,7 @@ def run_main(script: str, argv: list[str], cwd: Path | None = None) -> ScriptRes
 
     path = ROOT / script
     saved = (list(sys.argv), list(sys.path), os.getcwd(), torch.get_default_dtype(), torch.get_num_threads())
+    saved_env = dict(os.environ)
     root = logging.getLogger()
     saved_root = (list(root.handlers), root.level)
     saved_levels = {name: logging.getLogger(name).level for name in _QUIETED_LOGGERS}
@@ -110,6 +112,8 @@ def run_main(script: str, argv: list[str], cwd: Path | None = None) -> ScriptRes
                 code = 1
     finally:
         sys.argv[:], sys.path[:] = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved_env)
         os.chdir(saved[2])
         torch.set_default_dtype(saved[3])
         torch.set_num_threads(saved[4])

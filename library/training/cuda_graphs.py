@@ -23,15 +23,15 @@ How a step runs here (:meth:`GraphedLoss.loss_and_backward`):
 
 Full fine-tuning is graphed too: the U-Net's gradients land in the buffers like an adapter's
 (the memory an eager backward gives them). With ``--fused_backward_pass`` and Adafactor the
-optimizer steps can run inside the graph's backward, reading their learning rates and step number from
+optimizer steps run inside the graph's backward, reading their learning rates and step number from
 device tensors (``library.training.fused_backward``), so no gradient outlives the replay and there
-are no buffers (``grad_buffers=False``); that is off until validated on a GPU
-(``fused_backward.GRAPHED_STEPS``).
+are no buffers (``grad_buffers=False``).
 
 Only what is safe is graphed (:func:`graph_blocker`): one process, a CUDA device, no fp16
 GradScaler, no host-side randomness, no optimizer inside the backward unless it reads its
-step-dependent numbers from the device. Any failure to capture falls back to eager steps for the
-rest of the run, with one log line.
+step-dependent numbers from the device; and only when the eager steps left room for a graph's memory
+(:data:`MIN_HEADROOM_BYTES`). Any failure to capture falls back to eager steps for the rest of the
+run, with one log line, and gives the graphs' memory back.
 """
 
 from __future__ import annotations
@@ -50,6 +50,28 @@ logger = logging.getLogger(__name__)
 
 #: most distinct input shapes graphed in one run (each graph keeps its input/output tensors)
 MAX_GRAPHS = 32
+
+#: the least memory the eager steps must have left unused for a capture to be tried: the graphs' pool is
+#: memory eager code (the optimizer step) cannot reuse, and full fine-tuning keeps its gradient buffers
+#: through the forward. On an H100 (2026-12-07) the full fine-tune at 1024² needed 0.44 GiB more than
+#: eager plus a 1 GiB pool: under a 12 GiB cap (0.8 GiB left) its first optimizer step after the
+#: capture ran out of memory, while the fused backward pass under 8 GiB (1.1 GiB left) was graphed.
+MIN_HEADROOM_BYTES = 1 << 30
+
+
+def memory_use(device: torch.device) -> tuple[int, int] | None:
+    """``(peak bytes allocated so far, bytes this process may use)`` on a CUDA device, else None.
+
+    The limit is the smaller of the per-process fraction (``set_per_process_memory_fraction``) of
+    the card and what is free on it plus what this process already holds.
+    """
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    cap = int(total * fraction(device)) if fraction is not None else total
+    free, _ = torch.cuda.mem_get_info(device)
+    return torch.cuda.max_memory_allocated(device), min(cap, free + torch.cuda.memory_reserved(device))
 
 
 def graph_blocker(cfg: Any, accelerator: Any, method: Any, fused: Any = None) -> str | None:
@@ -168,6 +190,7 @@ class GraphedLoss:
             if entry is not None:  # an optimizer replaced a parameter's storage: the graph reads the old one
                 logger.warning("a trained parameter moved in memory; CUDA graphs are off for the rest of the run")
                 self.failed, self.graphs = True, {}
+                self._release_unused()
             self.seen.add(key)
             self._use_buffers()
             loss = self.loss_fn(inputs)
@@ -191,6 +214,7 @@ class GraphedLoss:
         logger.warning("a captured CUDA graph changed no gradient or optimizer state; CUDA graphs are off "
                        "for the rest of the run (this batch is redone eagerly)")
         self.failed, self.graphs = True, {}
+        self._release_unused()
         return None
 
     def _param_ptrs(self) -> tuple[int, ...]:
@@ -211,7 +235,21 @@ class GraphedLoss:
         if fresh:
             torch._foreach_zero_(fresh)
 
+    def _too_little_memory(self) -> str | None:
+        """Why capturing would leave too little memory for the eager code between replays, or None."""
+        use = memory_use(self.params[0].device) if self.params else None
+        if use is None or use[1] - use[0] >= MIN_HEADROOM_BYTES:
+            return None
+        return (f"the eager steps used {use[0] / 2**30:.2f} of the {use[1] / 2**30:.2f} GiB this process may "
+                f"use; graphs need about {MIN_HEADROOM_BYTES / 2**30:.0f} GiB more")
+
     def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _Graph | None:
+        why = self._too_little_memory()
+        if why is not None:
+            logger.info("CUDA graphs off: %s; the run steps eagerly", why)
+            self.failed = True
+            self._release_unused()
+            return None
         static = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
         graph = torch.cuda.CUDAGraph()
         try:
@@ -242,6 +280,7 @@ class GraphedLoss:
             logger.warning("CUDA graph capture failed (%s); the rest of the run steps eagerly", first_error(exc))
             logger.debug("CUDA graph capture failure", exc_info=exc)
             self.failed = True
+            self._release_unused()
             return None
         input_grads = {k: v.grad for k, v in static.items() if v.grad is not None}
         entry = _Graph(graph, static, loss.detach(), input_grads, self._param_ptrs())
@@ -249,6 +288,19 @@ class GraphedLoss:
         logger.info("captured a CUDA graph for %s", ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(inputs.items())
                                                               if v.ndim > 1))
         return entry
+
+    def _release_unused(self) -> None:
+        """With no graph left to replay: give back the gradient buffers and the graphs' memory pool.
+
+        Eager steps then hold gradients only from backward to the optimizer step, as without graphs
+        (a buffer that is some ``.grad`` now is freed when the trainer clears it), so a capture that ran
+        out of memory on a card near its limit leaves the eager steps as much memory as a run that
+        never tried."""
+        if self.graphs:
+            return
+        self.buffers = None
+        self.pool = None
+        torch.cuda.empty_cache()
 
     def _stray_gradients(self, held: list) -> int:
         """How many parameters without a buffer the capture gave a gradient (the replays would drop it)."""

@@ -20,13 +20,6 @@ from library.errors import UserError
 from library.training.adafactor import Adafactor
 from library.training.optim import OPTIMIZERS, _canonical_name, _unwrap
 
-#: Replay the optimizer steps inside the CUDA graph (Adafactor with device scalars). Off: on an H100
-#: (2026-12-07) the graphed full fine-tune's updates differed from eager ones by up to 28 % on one tensor
-#: after 12 steps (tests/gpu/test_cuda_graphs.py), against 3 % between the host's fp64 and the device's
-#: fp32 factors on the CPU; until a GPU run tells floating-point drift from a fault, the fused backward
-#: pass steps eagerly. The code and its tests stay (the tests switch it on).
-GRAPHED_STEPS = False
-
 
 def optimizer_supports_fused_backward(optimizer_type: str | None) -> bool:
     """Whether stepping each parameter on its own gives the same update as a full step.
@@ -153,8 +146,6 @@ class FusedBackward:
     # --------------------------------------------------------------------------------- CUDA graphs
     def graph_blocker(self) -> str | None:
         """Why the backward with its optimizer steps cannot be replayed as a CUDA graph, or None."""
-        if not GRAPHED_STEPS:
-            return "the fused backward pass steps eagerly (its graphed optimizer steps are not validated on a GPU yet)"
         if self.grad_reduce is not None:
             return "the fused backward pass averages gradients across processes"
         if not all(type(sub) is Adafactor for sub in self.param_optimizers):

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from library.training import cuda_graphs
-from library.training import fused_backward as FB
 from tests import graph_emulator
 from tests.conftest import run_main
 from tests.integration.test_train_network import train_args
@@ -94,9 +93,7 @@ def test_textual_inversion_encoders_inside_the_graph(tiny_ckpt, dataset, tmp_pat
 
 def test_full_fine_tune_with_the_optimizer_inside_the_graph(tiny_ckpt, dataset, tmp_path, monkeypatch):
     """Fused Adafactor (the brief's full fine-tune): the optimizer steps replay with the backward
-    (checkpointing and accumulation in the graphs are the LoRA case's; the buffers are the same code).
-    Switched on here: by default the fused pass steps eagerly (fused_backward.GRAPHED_STEPS)."""
-    monkeypatch.setattr(FB, "GRAPHED_STEPS", True)
+    (checkpointing and accumulation in the graphs are the LoRA case's; the buffers are the same code)."""
     from tests.integration.test_train import ADAFACTOR, base_args
 
     def argv(out: Path) -> list[str]:

@@ -40,13 +40,7 @@ def test_full_fine_tuning_is_graphed_with_or_without_accumulation():
     assert graph_blocker(cfg(gradient_accumulation_steps=4), CUDA, FULL_FT) is None
 
 
-def test_fused_backward_steps_eagerly_until_validated():
-    on = cfg(fused_backward_pass=True)
-    assert "not validated" in graph_blocker(on, CUDA, FULL_FT, fused("Adafactor", ADAFACTOR))
-
-
-def test_fused_backward_is_graphed_with_adafactor_only(monkeypatch):
-    monkeypatch.setattr(FB, "GRAPHED_STEPS", True)
+def test_fused_backward_is_graphed_with_adafactor_only():
     on = cfg(fused_backward_pass=True)
     assert graph_blocker(on, CUDA, FULL_FT, fused("Adafactor", ADAFACTOR)) is None
     assert "Adafactor only" in graph_blocker(on, CUDA, FULL_FT, fused("AdamW", {}))

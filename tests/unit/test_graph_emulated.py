@@ -133,9 +133,62 @@ def test_a_capture_failing_part_way_leaves_no_gradient_behind(monkeypatch):
     assert all(p.grad is None for p in graphed.parameters())
 
 
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_a_failed_capture_gives_the_gradient_buffers_back(monkeypatch, accumulation):
+    """An out-of-memory error while capturing (a card near its limit): the eager steps that follow hold
+    no gradient buffer (they would keep a whole model's gradients alive through every forward), and
+    train as the eager run does, also when the capture came in the middle of an accumulation window."""
+    real = nn.functional.mse_loss
+
+    def loss(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(nn.functional, "mse_loss", loss)
+    kwargs = dict(optimizer="AdamW", args={}, fused=False, accumulation=accumulation)
+    eager, _ = _train(False, **kwargs)
+    graphed, gl = _train(True, **kwargs)
+    assert gl.failed and not gl.graphs and gl.buffers is None and gl.pool is None
+    assert all(p.grad is None for p in graphed.parameters())
+    assert _largest_difference(eager, graphed) < 1e-6
+
+
+@pytest.mark.parametrize("peak_gib, limit_gib, graphed", [(11.18, 12.0, False), (6.91, 8.0, True)])
+def test_no_capture_when_the_eager_steps_leave_too_little_memory(monkeypatch, peak_gib, limit_gib, graphed):
+    """The full fine-tune under a 12 GiB cap (0.8 GiB left) steps eagerly; the fused pass under 8 GiB is graphed."""
+    from library.training import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "memory_use", lambda device: (int(peak_gib * 2**30), int(limit_gib * 2**30)))
+    kwargs = dict(optimizer="AdamW", args={}, fused=False)
+    eager, _ = _train(False, **kwargs)
+    run, gl = _train(True, **kwargs)
+    assert bool(gl.graphs) is graphed and gl.failed is not graphed
+    assert (gl.buffers is None) is not graphed
+    assert _largest_difference(eager, run) < 1e-6
+
+
 def test_a_graph_reaching_a_tensor_without_a_buffer_is_not_used():
     """Head b gets its first gradient in a batch that is captured: its replays would drop that gradient."""
     eager, _ = two_head_run("cpu", graphed=False)
     graphed, gl = two_head_run("cpu", graphed=True)
     assert gl.failed and gl.replays >= 1  # the batch-2 graph replays; the batch-4 capture was refused
     assert _largest_difference(eager, graphed) < 1e-6
+
+
+@pytest.mark.parametrize("fraction, free_gib, expected_gib", [(12 / 80, 70.0, 12.0), (1.0, 2.0, 5.0)])
+def test_memory_use_reads_the_per_process_cap_and_what_is_free(monkeypatch, fraction, free_gib, expected_gib):
+    """The limit is the capped share of the card (an emulated 12 GiB card), or what is free plus what
+    this process holds, whichever is smaller (another process using the card)."""
+    from types import SimpleNamespace
+
+    from library.training import cuda_graphs
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: fraction)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (int(free_gib * gib), 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 2 * gib)
+    assert cuda_graphs.memory_use(torch.device("cuda", 0)) == (2 * gib, int(expected_gib * gib))
+    assert cuda_graphs.memory_use(torch.device("cpu")) is None

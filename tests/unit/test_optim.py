@@ -424,9 +424,8 @@ def test_fused_state_survives_save_and_load():
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 0.05])
-def test_fused_adafactor_from_device_scalars_matches_host_scalars(max_grad_norm, monkeypatch):
+def test_fused_adafactor_from_device_scalars_matches_host_scalars(max_grad_norm):
     """The mode CUDA graphs use: lrs and the step number in tensors filled before each step."""
-    monkeypatch.setattr(FB, "GRAPHED_STEPS", True)
     args = O.parse_optimizer_args(BRIEF_ADAFACTOR_ARGS)
     host, _, _ = _train("Adafactor", args, (1e-2, 1e-3), fused=True, max_grad_norm=max_grad_norm)
     model = _model()
@@ -447,8 +446,7 @@ def test_fused_adafactor_from_device_scalars_matches_host_scalars(max_grad_norm,
     assert float(fb.lr_tensors[1]) == pytest.approx(1e-3 * 0.25)  # the last step's lr (linear, warmup 2)
 
 
-def test_fused_backward_graph_blocker(monkeypatch):
-    monkeypatch.setattr(FB, "GRAPHED_STEPS", True)
+def test_fused_backward_graph_blocker():
     model = _model()
     adamw, _ = O.build_optimizer("AdamW", _groups(model, (1e-3, 1e-3)), 1e-3, {})
     assert "Adafactor only" in FB.FusedBackward(adamw).graph_blocker()
