@@ -199,8 +199,8 @@ _PRECISION = [
     opt("cuda_graphs", "Replay the U-Net forward, loss and backward (LoRA, LLLite, textual inversion, full "
         "fine-tuning) as a CUDA graph per batch shape, removing the host's kernel-launch time (the first batch "
         "of each shape runs eagerly; with --fused_backward_pass and Adafactor the optimizer steps replay too). "
-        "auto: on where safe (one CUDA process, no fp16 loss scaling, no host-side dropout choices, 1 GiB of "
-        "memory to spare after the eager steps; the log says why when off); off: always eager.",
+        "auto: on where safe (one CUDA process, no fp16 loss scaling, no host-side dropout choices, memory to "
+        "spare after the eager steps (about 1 GiB for a full fine-tune); the log says why when off); off: always eager.",
         type=str, default="auto", choices=("auto", "off")),
     flag("fused_backward_pass", "Step the optimizer for each parameter inside the backward pass, freeing its "
          "gradient at once (needs --gradient_accumulation_steps 1)."),

@@ -30,7 +30,7 @@ are no buffers (``grad_buffers=False``).
 Only what is safe is graphed (:func:`graph_blocker`): one process, a CUDA device, no fp16
 GradScaler, no host-side randomness, no optimizer inside the backward unless it reads its
 step-dependent numbers from the device; and only when the eager steps left room for a graph's memory
-(:data:`MIN_HEADROOM_BYTES`). Any failure to capture falls back to eager steps for the rest of the
+(:func:`headroom_needed`). Any failure to capture falls back to eager steps for the rest of the
 run, with one log line, and gives the graphs' memory back.
 """
 
@@ -51,12 +51,21 @@ logger = logging.getLogger(__name__)
 #: most distinct input shapes graphed in one run (each graph keeps its input/output tensors)
 MAX_GRAPHS = 32
 
-#: the least memory the eager steps must have left unused for a capture to be tried: the graphs' pool is
-#: memory eager code (the optimizer step) cannot reuse, and full fine-tuning keeps its gradient buffers
-#: through the forward. On an H100 (2026-12-07) the full fine-tune at 1024² needed 0.44 GiB more than
-#: eager plus a 1 GiB pool: under a 12 GiB cap (0.8 GiB left) its first optimizer step after the
-#: capture ran out of memory, while the fused backward pass under 8 GiB (1.1 GiB left) was graphed.
-MIN_HEADROOM_BYTES = 1 << 30
+#: the least memory the eager steps must leave unused for a capture to be tried: the graphs' pool is
+#: memory the eager code between replays (the optimizer step, a text encoder's backward) cannot reuse
+BASE_HEADROOM_BYTES = 256 << 20
+#: and this share of the gradient buffers' size on top: full fine-tuning keeps them through the forward.
+#: Fitted on an H100 (2026-12-07): the graphed full fine-tune at 1024² (4.8 GiB of bf16 buffers) held
+#: 0.44 GiB more than eager, and under a 12 GiB cap (0.82 GiB left) its first optimizer step after the
+#: capture ran out of memory; this asks 0.97 GiB. The fused backward pass (no buffers) under 8 GiB and
+#: LoRA r32 with checkpointing under 8 GiB (1.1 GiB left each) were graphed; graphed LoRA steps hold
+#: what eager ones hold (configs A and B on an H200).
+BUFFER_HEADROOM = 0.15
+
+
+def headroom_needed(buffer_bytes: int) -> int:
+    """Bytes the eager steps must have left unused before a capture (see :data:`BUFFER_HEADROOM`)."""
+    return BASE_HEADROOM_BYTES + int(BUFFER_HEADROOM * buffer_bytes)
 
 
 def memory_use(device: torch.device) -> tuple[int, int] | None:
@@ -238,10 +247,14 @@ class GraphedLoss:
     def _too_little_memory(self) -> str | None:
         """Why capturing would leave too little memory for the eager code between replays, or None."""
         use = memory_use(self.params[0].device) if self.params else None
-        if use is None or use[1] - use[0] >= MIN_HEADROOM_BYTES:
+        if use is None:
+            return None
+        buffered = (self._reached or ()) if self.grad_buffers else ()
+        needed = headroom_needed(sum(p.numel() * p.element_size() for p in buffered))
+        if use[1] - use[0] >= needed:
             return None
         return (f"the eager steps used {use[0] / 2**30:.2f} of the {use[1] / 2**30:.2f} GiB this process may "
-                f"use; graphs need about {MIN_HEADROOM_BYTES / 2**30:.0f} GiB more")
+                f"use; graphs need {needed / 2**30:.2f} GiB to spare")
 
     def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _Graph | None:
         why = self._too_little_memory()
