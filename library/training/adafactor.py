@@ -116,6 +116,15 @@ class Adafactor(torch.optim.Optimizer):
                     self._update(group, params[i:i + per_chunk])
         return loss
 
+    def step_param(self, p: torch.Tensor, group: dict) -> None:
+        """Update one parameter of ``group`` from its gradient: :meth:`step` for one tensor, without
+        ``Optimizer.step``'s wrapper (profiling, hooks). For the fused backward pass, which steps each
+        tensor from its gradient hook; call it under ``torch.no_grad()``."""
+        if p.grad.is_sparse:
+            raise RuntimeError("Adafactor does not support sparse gradients.")
+        self._init_state(p, group)
+        self._update(group, [p])
+
     def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One batch of same-shape tensors: a view of the tensor itself when there is only one."""
         return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)

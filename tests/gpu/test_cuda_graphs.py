@@ -172,13 +172,13 @@ def test_a_fused_capture_that_fails_part_way_leaves_no_gradient_behind():
         fb.use_device_scalars(torch.device("cuda"))
         if graphed:
             victim = fb.param_optimizers[1]  # the second hook to run raises while capturing
-            real_step = victim.step
+            real_step = victim.step_param
 
             def step(*args, real_step=real_step, **kwargs):
                 if torch.cuda.is_current_stream_capturing():
                     raise torch.cuda.OutOfMemoryError("injected")
                 return real_step(*args, **kwargs)
-            victim.step = step
+            victim.step_param = step
         gl = GraphedLoss(lambda inputs, net=net: _loss(net, inputs["x"]), lambda loss: loss.backward(),
                          list(net.parameters()), grad_buffers=False, probe=fb.probe)
         for x in _batches(sizes):

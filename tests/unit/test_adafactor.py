@@ -143,3 +143,20 @@ def test_rms_is_one_tensor_per_state_written_in_place():
         p.grad = torch.randn(p.shape, generator=g)
     opt.step()
     assert torch.is_tensor(opt.state[params[0]]["RMS"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_param_is_step_for_one_tensor(dtype):
+    """The fused backward pass's per-tensor update is the full step's update, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 5, generator=g).to(dtype).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    full = batched.Adafactor([a], **CONFIGS[0])
+    one = batched.Adafactor([b], **CONFIGS[0])
+    for _ in range(3):
+        a.grad = torch.randn(6, 5, generator=g).to(dtype)
+        b.grad = a.grad.clone()
+        full.step()
+        with torch.no_grad():
+            one.step_param(b, one.param_groups[0])
+    assert torch.equal(a, b) and one.state[b]["step"] == full.state[a]["step"] == 3

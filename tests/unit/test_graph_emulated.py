@@ -118,13 +118,13 @@ def test_a_capture_failing_part_way_leaves_no_gradient_behind(monkeypatch):
     def init(self, *args, **kwargs):
         real(self, *args, **kwargs)
         victim = self.param_optimizers[2]
-        step = victim.step
+        step = victim.step_param
 
         def failing(*a, **k):
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("CUDA out of memory (injected)")
             return step(*a, **k)
-        victim.step = failing
+        victim.step_param = failing
     monkeypatch.setattr(FB.FusedBackward, "__init__", init)
     eager, _ = _train(False, "Adafactor", BRIEF, fused=True)
     graphed, gl = _train(True, "Adafactor", BRIEF, fused=True)

@@ -516,3 +516,16 @@ def test_fused_step_count_ignores_a_parameter_that_never_had_a_gradient():
         fb.after_step()
     assert float(fb.step_tensor) == 3 and fb._steps_taken() == 3
     assert not opt.state.get(unused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_norm", [0.01, 100.0])
+def test_clip_grad_norm_one_is_torchs_clip_for_one_tensor(dtype, max_norm):
+    g = torch.randn(7, 3, generator=torch.Generator().manual_seed(4)).to(dtype)
+    p = torch.zeros_like(g, requires_grad=True)
+    p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(p, max_norm)
+    ours = g.clone()
+    FB.clip_grad_norm_one_(ours, max_norm)
+    assert torch.equal(ours, p.grad)
+    assert torch.equal(ours, g) is (max_norm == 100.0)  # a norm under the limit leaves the gradient as it was
