@@ -14,11 +14,12 @@ dtypes (``step``, ``exp_avg_sq_row``/``exp_avg_sq_col`` or ``exp_avg_sq``, ``exp
 a state saved by either optimizer resumes in the other.
 
 Inside a CUDA graph (the fused backward pass replayed by ``library.training.cuda_graphs``) nothing
-that changes from step to step may be a host number: set :attr:`Adafactor.step_tensor` to a 0-dim
-device tensor holding the number of the step being taken, and put a 0-dim device tensor in each
-group's ``"lr"``; the step-dependent factors are then computed on the device from them (the same
-formulas in fp32 instead of fp64: floating-point noise). The host-side ``state["step"]`` counts on
-as before.
+that changes from step to step may be a host number: set :attr:`Adafactor.device_factors` to 0-dim
+device tensors and fill them before every step with :meth:`Adafactor.step_factors` (the relative
+step size, ``beta2t`` and ``1 - beta2t``, computed on the host in fp64 as always). The update then
+reads them where it would read the host numbers, with operators that round the same way
+(``addcmul_`` for ``add_(alpha=)``), so a replayed update equals the eager one; only weight decay
+differs by a rounding. The host-side ``state["step"]`` counts on as before.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class Adafactor(torch.optim.Optimizer):
                     "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                     "relative_step": relative_step, "warmup_init": warmup_init}
         super().__init__(params, defaults)
-        #: the step number as a 0-dim device tensor (CUDA graphs), or None: host numbers
-        self.step_tensor: torch.Tensor | None = None
+        #: this step's :meth:`step_factors` as 0-dim device tensors (CUDA graphs), or None: host numbers
+        self.device_factors: dict[str, torch.Tensor] | None = None
 
     @staticmethod
     def _rel_step(group: dict, step: int) -> float:
@@ -59,12 +60,11 @@ class Adafactor(torch.optim.Optimizer):
         return rel
 
     @staticmethod
-    def _rel_step_on_device(group: dict, step: torch.Tensor) -> float | torch.Tensor:
-        """:meth:`_rel_step` from a device step tensor (the group's lr may be a device tensor too)."""
-        if not group["relative_step"]:
-            return group["lr"]
-        min_step = step * 1e-6 if group["warmup_init"] else torch.full_like(step, 1e-2)
-        return torch.minimum(min_step, step.rsqrt())
+    def step_factors(group: dict, step: int) -> dict[str, float]:
+        """The numbers of step ``step`` that do not depend on the tensors: the relative step size (the lr
+        without parameter scaling) and the second-moment decay ``beta2t`` with its complement."""
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        return {"rel": Adafactor._rel_step(group, step), "beta2t": beta2t, "one_minus_beta2t": 1.0 - beta2t}
 
     @staticmethod
     def _get_lr(param_group: dict, param_state: dict):
@@ -146,20 +146,19 @@ class Adafactor(torch.optim.Optimizer):
         step = states[0]["step"] + 1
         for state in states:
             state["step"] = step
-        step_t = self.step_tensor
-        rel = self._rel_step(group, step) if step_t is None else self._rel_step_on_device(group, step_t)
+        factors = self.device_factors or self.step_factors(group, step)
+        rel, beta2t, one_minus = factors["rel"], factors["beta2t"], factors["one_minus_beta2t"]
         lr: float | torch.Tensor = rel
         if group["scale_parameter"]:
             rms = p32.flatten(1).norm(2, dim=1) / numel_sqrt
             _store_rms(states, rms)
             lr = rms.clamp(min=group["eps"][1]).mul_(rel).view(bcast)
-        beta2t = 1.0 - math.pow(step, group["decay_rate"]) if step_t is None else 1.0 - step_t.pow(group["decay_rate"])
         update = (grad ** 2) + group["eps"][0]
         if len(shape) >= 2:
             row = self._stack([s["exp_avg_sq_row"] for s in states])
             col = self._stack([s["exp_avg_sq_col"] for s in states])
-            _decay_(row, beta2t, update.mean(dim=-1))
-            _decay_(col, beta2t, update.mean(dim=-2))
+            _decay_(row, beta2t, one_minus, update.mean(dim=-1))
+            _decay_(col, beta2t, one_minus, update.mean(dim=-2))
             if not single:
                 torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(row.unbind(0)))
                 torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(col.unbind(0)))
@@ -168,7 +167,7 @@ class Adafactor(torch.optim.Optimizer):
             update.mul_(grad)
         else:
             sq = self._stack([s["exp_avg_sq"] for s in states])
-            _decay_(sq, beta2t, update)
+            _decay_(sq, beta2t, one_minus, update)
             if not single:
                 torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(sq.unbind(0)))
             update = sq.rsqrt().mul_(grad)
@@ -206,9 +205,12 @@ def _store_rms(states: list[dict], rms: torch.Tensor) -> None:
             state["RMS"] = value.clone()
 
 
-def _decay_(avg: torch.Tensor, beta: float | torch.Tensor, value: torch.Tensor) -> None:
-    """``avg = beta * avg + (1 - beta) * value`` in place; ``beta`` a host number or a 0-dim device tensor."""
-    if torch.is_tensor(beta):
-        avg.mul_(beta).add_(value * (1.0 - beta))
+def _decay_(avg: torch.Tensor, beta: float | torch.Tensor, one_minus_beta: float | torch.Tensor,
+            value: torch.Tensor) -> None:
+    """``avg = beta * avg + (1 - beta) * value`` in place, as transformers computes it; the factors are
+    host numbers or 0-dim device tensors (``addcmul_`` rounds as ``add_(alpha=)`` does)."""
+    avg.mul_(beta)
+    if torch.is_tensor(one_minus_beta):
+        avg.addcmul_(value, one_minus_beta)
     else:
-        avg.mul_(beta).add_(value, alpha=(1.0 - beta))
+        avg.add_(value, alpha=one_minus_beta)

@@ -5,9 +5,10 @@ clips its gradient, steps a one-parameter optimizer of the same class and hyperp
 parameter's group, and frees the gradient.
 
 With the batched Adafactor (``library.training.adafactor``) the whole backward, optimizer steps
-included, can be replayed as a CUDA graph (:meth:`FusedBackward.use_device_scalars`): the learning
-rates and the step number then live in device tensors that :meth:`FusedBackward.before_step` fills
-before every step, so a replay steps with this step's values.
+included, can be replayed as a CUDA graph (:meth:`FusedBackward.use_device_scalars`): the numbers that
+change from step to step (learning rate, Adafactor's decay) then live in device tensors that
+:meth:`FusedBackward.before_step` fills, from the host's fp64 arithmetic, before every step, so a replay
+steps with this step's values and updates as an eager step does.
 """
 
 from __future__ import annotations
@@ -107,8 +108,7 @@ class FusedBackward:
         factory = optimizer_factory or _default_factory(self.optimizer)
         self.param_optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
-        self.lr_tensors: list[torch.Tensor] | None = None  # per master group (use_device_scalars)
-        self.step_tensor: torch.Tensor | None = None
+        self.factors: list[dict[str, torch.Tensor]] | None = None  # per master group (use_device_scalars)
         self._group_of: list[int] = []  # the master group of each per-parameter optimizer
         self._graph_param: torch.Tensor | None = None  # the first parameter stepped while a graph was captured
         seen: set[int] = set()
@@ -138,11 +138,11 @@ class FusedBackward:
                 reduce(param)
             if sub.state is not master.state:  # master.load_state_dict() replaced it
                 sub.state = master.state
-            if self.lr_tensors is None:
+            if self.factors is None:
                 sub_group["lr"] = master.param_groups[group_index]["lr"]
             if clip is not None:
                 clip_grad_norm_one_(param.grad, clip)
-            if self._graph_param is None and self.lr_tensors is not None and param.is_cuda \
+            if self._graph_param is None and self.factors is not None and param.is_cuda \
                     and torch.cuda.is_current_stream_capturing():
                 self._graph_param = param
             if one_tensor:
@@ -168,29 +168,29 @@ class FusedBackward:
         return None
 
     def use_device_scalars(self, device: torch.device) -> None:
-        """Step from device tensors (lr per group, step number) that :meth:`before_step` fills.
+        """Step from device tensors holding each group's :meth:`Adafactor.step_factors`, which
+        :meth:`before_step` fills.
 
         The hooks' host code runs once, while a graph is captured; every replay then reads this
         step's values from the tensors. Only for optimizers that take them (:meth:`graph_blocker`).
         """
-        self.lr_tensors = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.optimizer.param_groups]
-        self.step_tensor = torch.zeros((), dtype=torch.float32, device=device)
+        self.factors = [{name: torch.zeros((), dtype=torch.float32, device=device)
+                         for name in ("rel", "beta2t", "one_minus_beta2t")} for _ in self.optimizer.param_groups]
         for sub, index in zip(self.param_optimizers, self._group_of):
-            sub.param_groups[0]["lr"] = self.lr_tensors[index]
-            sub.step_tensor = self.step_tensor
+            sub.device_factors = self.factors[index]
 
     def before_step(self) -> None:
-        """Fill the device scalars with this step's learning rates and step number (no host sync)."""
-        if self.lr_tensors is None:
+        """Fill the device tensors with this step's factors, computed on the host (no host sync)."""
+        if self.factors is None:
             return
-        for tensor, group in zip(self.lr_tensors, self.optimizer.param_groups):
-            tensor.fill_(float(group["lr"]))
         self._next_step = self._steps_taken() + 1
-        self.step_tensor.fill_(float(self._next_step))
+        for tensors, group in zip(self.factors, self.optimizer.param_groups):
+            for name, value in Adafactor.step_factors(group, self._next_step).items():
+                tensors[name].fill_(value)
 
     def after_step(self) -> None:
         """Count the step in every parameter's state (a graph replay does not run the host code that would)."""
-        if self.lr_tensors is None:
+        if self.factors is None:
             return
         for param_state in self._param_states():
             if param_state:

@@ -93,9 +93,7 @@ RELATIVE = ("--optimizer_args", "scale_parameter=True", "relative_step=True", "w
             "--lr_scheduler", "adafactor")
 
 
-# The fused backward pass (--fused_backward_pass) is compared with eager steps that read the same
-# device scalars (test_fused_graphed_equals_eager_with_the_same_device_scalars below): against
-# --cuda_graphs off its fp32 step factors drift from the host's fp64 ones, and --full_bf16 amplifies that.
+# The fused backward pass (--fused_backward_pass): test_fused_graphed_equals_eager_with_the_same_device_scalars below.
 @pytest.mark.parametrize("extra", [("--full_bf16",), ("--full_bf16", "--gradient_accumulation_steps", "2"), ()],
                          ids=["full_bf16", "accumulation", "fp32_master_autocast"])
 def test_full_fine_tune_graphed_equals_eager(tiny_ckpt, dataset, tmp_path, extra):
@@ -198,9 +196,12 @@ def test_a_fused_capture_that_fails_part_way_leaves_no_gradient_behind():
 @pytest.mark.parametrize("extra", [(), SCALED, RELATIVE], ids=["brief", "scale_parameter", "relative_step"])
 def test_fused_graphed_equals_eager_with_the_same_device_scalars(tiny_ckpt, dataset, tmp_path, monkeypatch, extra):
     """Tells arithmetic drift from a fault in the graphed fused pass: three runs of the real script,
-    ``--cuda_graphs off`` (host fp64 factors), ``auto`` with no graph ever captured (eager steps reading
-    the fp32 device scalars the graphs read) and ``auto`` graphed. Graphed must equal the second run;
-    the spread between the first two is printed (run with -s): the drift a graph cannot be blamed for."""
+    ``--cuda_graphs off`` (host numbers), ``auto`` with no graph ever captured (eager steps reading the
+    step's factors from the device tensors the graphs read) and ``auto`` graphed. Graphed must equal the
+    second run. The spread between the first two is printed (run with -s): the drift a graph cannot be
+    blamed for. It was large when the factors were computed in fp32 on the device (H100, 2026-12-07);
+    since they are the host's fp64 numbers written into the tensors it is 0 on the CPU, and on a GPU as
+    far as CUDA's ``addcmul_`` rounds as ``add_(alpha=)`` does."""
     from library.training import cuda_graphs
     from tests.integration.test_train import ADAFACTOR, base_args
 

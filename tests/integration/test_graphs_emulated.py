@@ -45,22 +45,14 @@ def dataset(tiny_model_dir, tmp_path) -> Path:
     return dst
 
 
-def train_twice(script: str, make_argv, tmp_path: Path, out_file: str, monkeypatch,
-                same_arithmetic: bool = False) -> tuple[dict, dict]:
-    """(reference weights, graphed weights). The reference is ``--cuda_graphs off``, or with
-    ``same_arithmetic`` the graphed run's own code with no graph ever captured (eager steps): the fused
-    Adafactor then reads the same fp32 device scalars, whose difference from the host's fp64 factors
-    grows over a run (unit tests bound it per step)."""
+def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict]:
+    """(weights of ``--cuda_graphs off``, weights of ``--cuda_graphs auto`` graphed under the emulation)."""
     weights = []
-    for mode in ("reference", "auto"):
-        out = tmp_path / f"out_{mode}"
-        with monkeypatch.context() as m:
-            if mode == "reference" and same_arithmetic:
-                m.setattr(cuda_graphs, "MAX_GRAPHS", 0)
-            flag = "off" if mode == "reference" and not same_arithmetic else "auto"
-            r = run_main(script, [*make_argv(out), "--cuda_graphs", flag])
+    for flag in ("off", "auto"):
+        out = tmp_path / f"out_{flag}"
+        r = run_main(script, [*make_argv(out), "--cuda_graphs", flag])
         assert r.returncode == 0, r.stderr[-3000:]
-        if mode == "auto":
+        if flag == "auto":
             assert "CUDA graphs on" in r.stderr and r.stderr.count("captured a CUDA graph") >= 2, r.stderr[-3000:]
             assert "capture failed" not in r.stderr and "changed no" not in r.stderr, r.stderr[-3000:]
         weights.append(load_file(out / out_file))
@@ -78,7 +70,7 @@ def test_lora_with_checkpointing_and_accumulation(tiny_ckpt, dataset, tmp_path, 
     eager, graphed = train_twice(
         "sdxl_train_network.py",
         lambda out: train_args(tiny_ckpt, dataset, out, 8, "--gradient_checkpointing",
-                               "--gradient_accumulation_steps", "2")[1:], tmp_path, "lora.safetensors", monkeypatch)
+                               "--gradient_accumulation_steps", "2")[1:], tmp_path, "lora.safetensors")
     assert_same(eager, graphed)
     assert any(v.abs().sum() > 0 for k, v in graphed.items() if k.endswith("lora_up.weight"))  # it trained
 
@@ -87,7 +79,7 @@ def test_textual_inversion_encoders_inside_the_graph(tiny_ckpt, dataset, tmp_pat
     eager, graphed = train_twice(
         "sdxl_train_textual_inversion.py",
         lambda out: ti_args(tiny_ckpt, dataset, out, 8, "--save_model_as", "safetensors"), tmp_path,
-        "sks.safetensors", monkeypatch)
+        "sks.safetensors")
     assert_same(eager, graphed)
 
 
@@ -101,7 +93,7 @@ def test_full_fine_tune_with_the_optimizer_inside_the_graph(tiny_ckpt, dataset, 
                 "--save_model_as", "safetensors", "--save_precision", "float", "--train_batch_size", "2",
                 "--fused_backward_pass"]
 
-    eager, graphed = train_twice("sdxl_train.py", argv, tmp_path, "ft.safetensors", monkeypatch, same_arithmetic=True)
+    eager, graphed = train_twice("sdxl_train.py", argv, tmp_path, "ft.safetensors")
     initial = load_file(tiny_ckpt)
     unet = [k for k in eager if k.startswith("model.diffusion_model.")]
     moved = 0
@@ -110,5 +102,5 @@ def test_full_fine_tune_with_the_optimizer_inside_the_graph(tiny_ckpt, dataset, 
         if a.norm() == 0:
             continue
         moved += 1
-        assert float((a - b).norm() / a.norm()) < 1e-5, key
+        assert torch.equal(a, b), key  # the fused Adafactor reads the host's own factors from device tensors
     assert moved > len(unet) // 2

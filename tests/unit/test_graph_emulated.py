@@ -99,8 +99,14 @@ def test_graphed_training_equals_eager(case):
     eager, _ = _train(False, **kwargs)
     graphed, gl = _train(True, **kwargs)
     assert not gl.failed and len(gl.graphs) == 2 and gl.replays >= len(SIZES) // 2
-    # the fused Adafactor computes its step factors in fp32 on the device instead of fp64 on the host
-    assert _largest_difference(eager, graphed) < (1e-5 if kwargs["fused"] else 1e-6)
+    # the fused Adafactor reads the host's factors from device tensors: the same update, bit for bit
+    # (weight decay: one multiply-add instead of add(alpha=), a rounding apart)
+    if kwargs["args"].get("weight_decay"):
+        assert _largest_difference(eager, graphed) < 1e-5
+    elif kwargs["fused"]:
+        assert _largest_difference(eager, graphed) == 0.0
+    else:
+        assert _largest_difference(eager, graphed) < 1e-6
 
 
 def test_the_emulation_sees_host_numbers_baked_into_a_graph():
