@@ -13,13 +13,15 @@ Everything transformers' Adafactor accepts is accepted with the same meaning (``
 dtypes (``step``, ``exp_avg_sq_row``/``exp_avg_sq_col`` or ``exp_avg_sq``, ``exp_avg``, ``RMS``), so
 a state saved by either optimizer resumes in the other.
 
-Inside a CUDA graph (the fused backward pass replayed by ``library.training.cuda_graphs``) nothing
-that changes from step to step may be a host number: set :attr:`Adafactor.device_factors` to 0-dim
-device tensors and fill them before every step with :meth:`Adafactor.step_factors` (the relative
-step size, ``beta2t`` and ``1 - beta2t``, computed on the host in fp64 as always). The update then
-reads them where it would read the host numbers, with operators that round the same way
-(``addcmul_`` for ``add_(alpha=)``), so a replayed update equals the eager one; only weight decay
-differs by a rounding. The host-side ``state["step"]`` counts on as before.
+Inside a CUDA graph (the optimizer step replayed by ``library.training.cuda_graphs``, with the
+backward or inside it) nothing that changes from step to step may be a host number:
+:meth:`Adafactor.use_device_factors` gives each group 0-dim device tensors, and
+:meth:`Adafactor.fill_device_factors` writes this step's :meth:`Adafactor.step_factors` into them
+before every step (the relative step size, ``beta2t`` and ``1 - beta2t``, computed on the host in
+fp64 as always). The update reads them where it would read the host numbers, with operators that
+round the same way (``addcmul_`` for ``add_(alpha=)``), so a replayed update equals the eager one;
+only weight decay differs by a rounding. A replay runs no Python, so :meth:`Adafactor.count_step`
+sets the host-side ``state["step"]`` after each.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class Adafactor(torch.optim.Optimizer):
                     "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                     "relative_step": relative_step, "warmup_init": warmup_init}
         super().__init__(params, defaults)
-        #: this step's :meth:`step_factors` as 0-dim device tensors (CUDA graphs), or None: host numbers
-        self.device_factors: dict[str, torch.Tensor] | None = None
+        #: per group, this step's :meth:`step_factors` as 0-dim device tensors (CUDA graphs), or None: host numbers
+        self.device_factors: list[dict[str, torch.Tensor]] | None = None
 
     @staticmethod
     def _rel_step(group: dict, step: int) -> float:
@@ -65,6 +67,27 @@ class Adafactor(torch.optim.Optimizer):
         without parameter scaling) and the second-moment decay ``beta2t`` with its complement."""
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         return {"rel": Adafactor._rel_step(group, step), "beta2t": beta2t, "one_minus_beta2t": 1.0 - beta2t}
+
+    def use_device_factors(self, device: torch.device) -> None:
+        """Read the step factors from device tensors (one set per group) from now on."""
+        self.device_factors = [{name: torch.zeros((), dtype=torch.float32, device=device)
+                                for name in ("rel", "beta2t", "one_minus_beta2t")} for _ in self.param_groups]
+
+    def fill_device_factors(self, step: int) -> None:
+        """Write step ``step``'s factors of every group into the device tensors (``fill_``: no host sync)."""
+        for tensors, group in zip(self.device_factors or (), self.param_groups):
+            for name, value in self.step_factors(group, step).items():
+                tensors[name].fill_(value)
+
+    def steps_taken(self) -> int:
+        """The step count of the parameters' states: the highest (a parameter that never had a gradient has none)."""
+        return max((int(state["step"]) for state in self.state.values() if "step" in state), default=0)
+
+    def count_step(self, step: int) -> None:
+        """Set every existing state's step count (after a graph replay, which ran no host code)."""
+        for state in self.state.values():
+            if state:
+                state["step"] = step
 
     @staticmethod
     def _get_lr(param_group: dict, param_state: dict):
@@ -100,7 +123,7 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             batches: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
@@ -110,10 +133,11 @@ class Adafactor(torch.optim.Optimizer):
                 state = self._init_state(p, group)
                 key = (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"])
                 batches.setdefault(key, []).append(p)
+            factors = self.device_factors[index] if self.device_factors is not None else None
             for params in batches.values():
                 per_chunk = max(1, CHUNK_ELEMENTS // max(params[0].numel(), 1))
                 for i in range(0, len(params), per_chunk):
-                    self._update(group, params[i:i + per_chunk])
+                    self._update(group, params[i:i + per_chunk], factors)
         return loss
 
     def step_param(self, p: torch.Tensor, group: dict) -> None:
@@ -123,14 +147,16 @@ class Adafactor(torch.optim.Optimizer):
         if p.grad.is_sparse:
             raise RuntimeError("Adafactor does not support sparse gradients.")
         self._init_state(p, group)
-        self._update(group, [p])
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        self._update(group, [p], self.device_factors[index] if self.device_factors is not None else None)
 
     def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One batch of same-shape tensors: a view of the tensor itself when there is only one."""
         return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
-    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
-        """The Adafactor update of ``params`` (same shape, dtype and step), as one batch."""
+    def _update(self, group: dict, params: list[torch.Tensor], device_factors: dict | None = None) -> None:
+        """The Adafactor update of ``params`` (same shape, dtype and step), as one batch; the step
+        factors from ``device_factors`` when given, else computed here."""
         states = [self.state[p] for p in params]
         n, shape = len(params), params[0].shape
         single = n == 1
@@ -146,7 +172,7 @@ class Adafactor(torch.optim.Optimizer):
         step = states[0]["step"] + 1
         for state in states:
             state["step"] = step
-        factors = self.device_factors or self.step_factors(group, step)
+        factors = device_factors or self.step_factors(group, step)
         rel, beta2t, one_minus = factors["rel"], factors["beta2t"], factors["one_minus_beta2t"]
         lr: float | torch.Tensor = rel
         if group["scale_parameter"]:

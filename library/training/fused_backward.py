@@ -169,32 +169,28 @@ class FusedBackward:
 
     def use_device_scalars(self, device: torch.device) -> None:
         """Step from device tensors holding each group's :meth:`Adafactor.step_factors`, which
-        :meth:`before_step` fills.
+        :meth:`before_step` fills (the master optimizer's, shared by every per-parameter one).
 
         The hooks' host code runs once, while a graph is captured; every replay then reads this
         step's values from the tensors. Only for optimizers that take them (:meth:`graph_blocker`).
         """
-        self.factors = [{name: torch.zeros((), dtype=torch.float32, device=device)
-                         for name in ("rel", "beta2t", "one_minus_beta2t")} for _ in self.optimizer.param_groups]
+        self.optimizer.use_device_factors(device)
+        self.factors = self.optimizer.device_factors
         for sub, index in zip(self.param_optimizers, self._group_of):
-            sub.device_factors = self.factors[index]
+            sub.device_factors = [self.factors[index]]
 
     def before_step(self) -> None:
         """Fill the device tensors with this step's factors, computed on the host (no host sync)."""
         if self.factors is None:
             return
-        self._next_step = self._steps_taken() + 1
-        for tensors, group in zip(self.factors, self.optimizer.param_groups):
-            for name, value in Adafactor.step_factors(group, self._next_step).items():
-                tensors[name].fill_(value)
+        self._next_step = self.optimizer.steps_taken() + 1
+        self.optimizer.fill_device_factors(self._next_step)
 
     def after_step(self) -> None:
         """Count the step in every parameter's state (a graph replay does not run the host code that would)."""
         if self.factors is None:
             return
-        for param_state in self._param_states():
-            if param_state:
-                param_state["step"] = self._next_step
+        self.optimizer.count_step(self._next_step)
         self.optimizer._opt_called = True
 
     def probe(self) -> torch.Tensor:
@@ -208,11 +204,6 @@ class FusedBackward:
                 if torch.is_tensor(state.get(key)):
                     return state[key]
         return torch.zeros(())
-
-    def _steps_taken(self) -> int:
-        """The step count of the parameters' states: the highest (a parameter that never had a gradient
-        has none; while graphed, every replay steps all the others)."""
-        return max((int(state["step"]) for state in self._param_states() if "step" in state), default=0)
 
     def _param_states(self):
         """The master optimizer's state of each parameter, in hook order (empty before its first step)."""

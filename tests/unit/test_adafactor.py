@@ -106,11 +106,10 @@ def test_factors_from_tensors_give_the_same_update(kwargs, dtype):
     host_params, tensor_params = _params(dtype), _params(dtype)
     _train(batched.Adafactor, host_params, **kwargs)
     opt = batched.Adafactor(tensor_params, **kwargs)
-    opt.device_factors = {name: torch.zeros(()) for name in ("rel", "beta2t", "one_minus_beta2t")}
+    opt.use_device_factors(torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     for i in range(4):
-        for name, value in batched.Adafactor.step_factors(opt.param_groups[0], i + 1).items():
-            opt.device_factors[name].fill_(value)
+        opt.fill_device_factors(opt.steps_taken() + 1)
         for p in tensor_params:
             p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
         opt.step()
