@@ -89,6 +89,16 @@ class Adafactor(torch.optim.Optimizer):
             if state:
                 state["step"] = step
 
+    def state_probe(self, states: Iterable[dict] | None = None) -> torch.Tensor:
+        """A second-moment tensor of the first of ``states`` (default: all) that has one: every step
+        changes it (what :class:`library.training.cuda_graphs.GraphedLoss` checks after a new graph's
+        first replay); a 0-dim zero before the first step."""
+        for state in self.state.values() if states is None else states:
+            for key in ("exp_avg_sq_row", "exp_avg_sq"):
+                if torch.is_tensor(state.get(key)):
+                    return state[key]
+        return torch.zeros(())
+
     @staticmethod
     def _get_lr(param_group: dict, param_state: dict):
         """The lr of one parameter as transformers computes it (read by ``AdafactorSchedule``)."""

@@ -166,16 +166,21 @@ class GraphedLoss:
     ``probe``: a tensor that every step must change (default: the gradient buffers' norms); it is
     compared once around each graph's first replay, and a graph that changed nothing turns graphs off
     (the batch is then redone eagerly), so a capture that silently missed work can never train wrong.
+    ``optimizer_state``: when an optimizer steps inside the graphs, its state mapping; a capture that
+    creates state (a tensor's first step) is refused, since that state would be graph memory whose
+    values were never computed and that another graph's replay may overwrite.
     """
 
     def __init__(self, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                  backward: Callable[[torch.Tensor], None], params: list[torch.Tensor], grad_buffers: bool = True,
-                 probe: Callable[[], torch.Tensor] | None = None):
+                 probe: Callable[[], torch.Tensor] | None = None,
+                 optimizer_state: Callable[[], dict] | None = None):
         self.loss_fn = loss_fn
         self.backward = backward
         self.params = params
         self.grad_buffers = grad_buffers
         self.probe = probe or self._buffer_norms
+        self.optimizer_state = optimizer_state
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (param, buffer), from the first capture
         self._reached: list[torch.Tensor] | None = None  # params the first (eager) backward gave a gradient
         self.graphs: dict[tuple, _Graph] = {}
@@ -183,6 +188,17 @@ class GraphedLoss:
         self.pool = torch.cuda.graph_pool_handle()
         self.failed = False
         self.replays = 0
+
+    def step_inside(self, backward: Callable[[torch.Tensor], None], probe: Callable[[], torch.Tensor],
+                    optimizer_state: Callable[[], dict]) -> None:
+        """From now on ``backward`` also steps the optimizer and clears every gradient, so the graphs
+        replay whole optimizer steps: no gradient buffers (a gradient lives only inside a replay, as in an
+        eager step), ``probe`` (the optimizer's state) tells that a new graph did its work, and
+        ``optimizer_state`` is guarded as in the constructor. Before the first batch only."""
+        if self.seen:
+            raise RuntimeError("step_inside() after the first batch")
+        self.backward, self.probe, self.grad_buffers = backward, probe, False
+        self.optimizer_state = optimizer_state
 
     def loss_and_backward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of ``inputs`` (a fresh 0-dim tensor) with its gradients accumulated, as an eager step would."""
@@ -276,6 +292,7 @@ class GraphedLoss:
                 # (an optimizer steps a zero gradient but skips a missing one)
                 self.buffers = [(p, torch.zeros_like(p)) for p in self._reached or ()]
             held = [p.grad for p in self.params]
+            stated = set(map(id, self.optimizer_state())) if self.optimizer_state is not None else None
             self._use_buffers()  # the graph adds into the buffers (autograd accumulates in place)
             try:
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -287,8 +304,11 @@ class GraphedLoss:
                 # leaving never-computed graph memory as some .grad), and the replay adds this batch's.
                 for p, g in zip(self.params, held):
                     p.grad = g
+                fresh = self._drop_new_states(stated)
             if strays:
                 raise RuntimeError(f"the graph reaches {strays} trained tensor(s) the first batch gave no gradient")
+            if fresh:
+                raise RuntimeError(f"the graph takes the first optimizer step of {fresh} trained tensor(s)")
         except Exception as exc:
             logger.warning("CUDA graph capture failed (%s); the rest of the run steps eagerly", first_error(exc))
             logger.debug("CUDA graph capture failure", exc_info=exc)
@@ -314,6 +334,16 @@ class GraphedLoss:
         self.buffers = None
         self.pool = None
         torch.cuda.empty_cache()
+
+    def _drop_new_states(self, before: set[int] | None) -> int:
+        """Remove the optimizer state a capture created (never-computed graph memory); how many."""
+        if before is None:
+            return 0
+        state = self.optimizer_state()
+        fresh = [p for p in state if id(p) not in before]
+        for p in fresh:
+            del state[p]
+        return len(fresh)
 
     def _stray_gradients(self, held: list) -> int:
         """How many parameters without a buffer the capture gave a gradient (the replays would drop it)."""

@@ -19,7 +19,7 @@ import torch
 
 from library.errors import UserError
 from library.training.adafactor import Adafactor
-from library.training.optim import OPTIMIZERS, _canonical_name, _unwrap
+from library.training.optim import OPTIMIZERS, _canonical_name, inner_optimizer
 
 
 def optimizer_supports_fused_backward(optimizer_type: str | None) -> bool:
@@ -102,7 +102,7 @@ class FusedBackward:
         optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
         grad_reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
-        self.optimizer = _unwrap(optimizer)
+        self.optimizer = inner_optimizer(optimizer)
         self.grad_reduce = grad_reduce
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         factory = optimizer_factory or _default_factory(self.optimizer)
@@ -199,11 +199,7 @@ class FusedBackward:
         its work; a parameter stepped eagerly after the replay, such as a text encoder's, would not tell)."""
         graphed = self._graph_param
         states = [self.optimizer.state.get(graphed, {})] if graphed is not None else self._param_states()
-        for state in states:
-            for key in ("exp_avg_sq_row", "exp_avg_sq"):
-                if torch.is_tensor(state.get(key)):
-                    return state[key]
-        return torch.zeros(())
+        return self.optimizer.state_probe(states)
 
     def _param_states(self):
         """The master optimizer's state of each parameter, in hook order (empty before its first step)."""

@@ -24,14 +24,7 @@ import torch
 
 from library.errors import UserError
 from library.training.fused_backward import _default_factory
-
-
-def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer`` (itself an
-    ``Optimizer`` subclass, holding the real one as ``.optimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+from library.training.optim import inner_optimizer
 
 
 class _Group:

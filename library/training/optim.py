@@ -295,22 +295,23 @@ def _all_cuda_float(groups: list[Any]) -> bool:
     return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under wrappers such as accelerate's ``AcceleratedOptimizer`` (itself an
+    ``Optimizer`` subclass, holding the real one as ``.optimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
 
 
 def optimizer_manages_lr(optimizer: Any) -> bool:
     """True when the optimizer computes its own learning rate (Adafactor with ``relative_step``)."""
-    opt = _unwrap(optimizer)
+    opt = inner_optimizer(optimizer)
     return _is_adafactor(type(opt)) and bool(opt.defaults.get("relative_step", False))
 
 
 def is_schedule_free(optimizer: Any) -> bool:
     """True for schedule-free optimizers, which must be put in train()/eval() mode around use."""
-    return type(_unwrap(optimizer)).__name__.lower().endswith("schedulefree")
+    return type(inner_optimizer(optimizer)).__name__.lower().endswith("schedulefree")
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ def build_lr_scheduler(
     decay = resolve_warmup_steps(num_decay_steps, num_training_steps, option="--lr_decay_steps")
     if scheduler_type:
         return _custom_scheduler(scheduler_type.strip(), optimizer, kwargs, warmup)
-    opt = _unwrap(optimizer)
+    opt = inner_optimizer(optimizer)
     sched = (name or "constant").strip().lower()
     if is_schedule_free(opt):
         if sched != "constant" or warmup:

@@ -29,8 +29,10 @@ from library.training import checkpointing as ckpt
 from library.training import save_guard, state_io
 from library.training import distributed
 from library.training.config import TrainConfig
+from library.training.adafactor import Adafactor
 from library.training.fused_backward import check_fused_backward, fused_backward_step
-from library.training.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, parse_scheduler_args
+from library.training.optim import (build_lr_scheduler, build_optimizer, inner_optimizer, parse_optimizer_args,
+                                    parse_scheduler_args)
 from library.training.precision import allow_fp16_gradients, check_mixed_precision_device
 from library.training.start_position import apply_initial_step
 from library.training.validation import Validator
@@ -108,6 +110,7 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self._unet_mixed: bool | None = None
         self._text_in_graph = False  # the method's text encoding runs inside the CUDA graph (TI)
+        self._step_in_graph: bool | None = None  # the optimizer step replays with the backward (first batch decides)
         self.last_good_save: Path | None = None  # newest model file written with sound weights
 
     # -----------------------------------------------------------------------------------------
@@ -200,7 +203,36 @@ class Trainer:
         logger.info("CUDA graphs on: each batch shape runs eagerly once, then replays as a graph%s",
                     " (text encoders included)" if self._text_in_graph else "")
         return GraphedLoss(self.denoise_loss, acc.backward, self.trained_params, grad_buffers=self.fused is None,
-                           probe=self.fused.probe if self.fused is not None else None)
+                           probe=self.fused.probe if self.fused is not None else None,
+                           optimizer_state=(lambda: self.fused.optimizer.state) if self.fused is not None else None)
+
+    def _optimizer_joins_graph(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """At the first batch: move the optimizer step into the CUDA graphs when it can replay there.
+
+        With the batched Adafactor, no fused pass, one process and no gradient accumulation, and when
+        nothing continues eagerly after a replay (the U-Net's inputs need no gradient: no text encoder or
+        embedding is trained), clipping, the optimizer step and the clearing of the gradients are captured
+        with the backward. The gradients then live only inside a replay, as in an eager step, instead of
+        in buffers held through the forward (0.44 GiB for the full fine-tune at 1024²), and the step costs
+        no host time. The step's numbers come from device tensors (``Adafactor.fill_device_factors``).
+        """
+        cfg, adafactor = self.cfg, inner_optimizer(self.optimizer)
+        if (self.fused is not None or type(adafactor) is not Adafactor or cfg.gradient_accumulation_steps != 1
+                or self.average_gradients is not None or any(t.requires_grad for t in inputs.values())):
+            return False
+        adafactor.use_device_factors(self.run.accelerator.device)
+        self.graphed.step_inside(self._backward_and_step, adafactor.state_probe, lambda: adafactor.state)
+        logger.info("CUDA graphs: the optimizer step replays inside the graph")
+        return True
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward, clipping, the optimizer step and clearing the gradients: one replayable unit."""
+        acc, cfg = self.run.accelerator, self.cfg
+        acc.backward(loss)
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -----------------------------------------------------------------------------------------
     def _unet_is_mixed(self) -> bool:
@@ -315,13 +347,25 @@ class Trainer:
             if device_steps:
                 self.fused.before_step()
             if self.graphed is not None:
-                loss = self.graphed.loss_and_backward(self.denoise_inputs(batch))
+                inputs = self.denoise_inputs(batch)
+                if self._step_in_graph is None:
+                    self._step_in_graph = self._optimizer_joins_graph(inputs)
+                if self._step_in_graph:  # the replay runs no Python: this step's numbers go to the device
+                    adafactor = inner_optimizer(self.optimizer)
+                    number = adafactor.steps_taken() + 1
+                    adafactor.fill_device_factors(number)
+                loss = self.graphed.loss_and_backward(inputs)
+                if self._step_in_graph:
+                    adafactor.count_step(number)
+                    adafactor._opt_called = True  # what torch's LR schedulers check to see the optimizer stepped
             else:
                 loss = self.loss_of(batch)
                 acc.backward(loss)
             if device_steps:
                 self.fused.after_step()
-            if self.fused is None:
+            if self._step_in_graph:
+                pass  # stepped inside loss_and_backward (_backward_and_step)
+            elif self.fused is None:
                 if acc.sync_gradients and self.average_gradients is not None:
                     self.average_gradients()
                 if acc.sync_gradients and cfg.max_grad_norm:

@@ -229,8 +229,7 @@ class Validator:
 
 def _schedule_free(optimizer: Any) -> Any:
     """The unwrapped optimizer when it is schedule-free (evaluated in its eval() mode), else None."""
-    from library.training.fused_groups import inner_optimizer
-    from library.training.optim import is_schedule_free
+    from library.training.optim import inner_optimizer, is_schedule_free
 
     inner = inner_optimizer(optimizer)
     return inner if is_schedule_free(inner) and hasattr(inner, "eval") else None

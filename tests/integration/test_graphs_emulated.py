@@ -45,9 +45,10 @@ def dataset(tiny_model_dir, tmp_path) -> Path:
     return dst
 
 
-def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict]:
-    """(weights of ``--cuda_graphs off``, weights of ``--cuda_graphs auto`` graphed under the emulation)."""
-    weights = []
+def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict, str]:
+    """(weights of ``--cuda_graphs off``, weights of ``--cuda_graphs auto`` graphed under the emulation,
+    the graphed run's log)."""
+    weights, log = [], ""
     for flag in ("off", "auto"):
         out = tmp_path / f"out_{flag}"
         r = run_main(script, [*make_argv(out), "--cuda_graphs", flag])
@@ -55,8 +56,9 @@ def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[
         if flag == "auto":
             assert "CUDA graphs on" in r.stderr and r.stderr.count("captured a CUDA graph") >= 2, r.stderr[-3000:]
             assert "capture failed" not in r.stderr and "changed no" not in r.stderr, r.stderr[-3000:]
+            log = r.stderr
         weights.append(load_file(out / out_file))
-    return weights[0], weights[1]
+    return weights[0], weights[1], log
 
 
 def assert_same(eager: dict, graphed: dict, tol: float = 1e-5) -> None:
@@ -67,7 +69,7 @@ def assert_same(eager: dict, graphed: dict, tol: float = 1e-5) -> None:
 
 
 def test_lora_with_checkpointing_and_accumulation(tiny_ckpt, dataset, tmp_path, monkeypatch):
-    eager, graphed = train_twice(
+    eager, graphed, log = train_twice(
         "sdxl_train_network.py",
         lambda out: train_args(tiny_ckpt, dataset, out, 8, "--gradient_checkpointing",
                                "--gradient_accumulation_steps", "2")[1:], tmp_path, "lora.safetensors")
@@ -76,7 +78,7 @@ def test_lora_with_checkpointing_and_accumulation(tiny_ckpt, dataset, tmp_path, 
 
 
 def test_textual_inversion_encoders_inside_the_graph(tiny_ckpt, dataset, tmp_path, monkeypatch):
-    eager, graphed = train_twice(
+    eager, graphed, log = train_twice(
         "sdxl_train_textual_inversion.py",
         lambda out: ti_args(tiny_ckpt, dataset, out, 8, "--save_model_as", "safetensors"), tmp_path,
         "sks.safetensors")
@@ -93,7 +95,7 @@ def test_full_fine_tune_with_the_optimizer_inside_the_graph(tiny_ckpt, dataset, 
                 "--save_model_as", "safetensors", "--save_precision", "float", "--train_batch_size", "2",
                 "--fused_backward_pass"]
 
-    eager, graphed = train_twice("sdxl_train.py", argv, tmp_path, "ft.safetensors")
+    eager, graphed, log = train_twice("sdxl_train.py", argv, tmp_path, "ft.safetensors")
     initial = load_file(tiny_ckpt)
     unet = [k for k in eager if k.startswith("model.diffusion_model.")]
     moved = 0
@@ -104,3 +106,34 @@ def test_full_fine_tune_with_the_optimizer_inside_the_graph(tiny_ckpt, dataset, 
         moved += 1
         assert torch.equal(a, b), key  # the fused Adafactor reads the host's own factors from device tensors
     assert moved > len(unet) // 2
+
+
+STEP_IN_GRAPH = "the optimizer step replays inside the graph"
+
+
+def test_lora_with_adafactor_steps_inside_the_graph(tiny_ckpt, dataset, tmp_path):
+    """No accumulation, nothing trained outside the U-Net: clipping and the Adafactor step replay too."""
+    eager, graphed, log = train_twice(
+        "sdxl_train_network.py",
+        lambda out: train_args(tiny_ckpt, dataset, out, 8, "--optimizer_type", "Adafactor", "--optimizer_args",
+                               "scale_parameter=False", "relative_step=False", "warmup_init=False",
+                               "--max_grad_norm", "0.01")[1:], tmp_path, "lora.safetensors")
+    assert STEP_IN_GRAPH in log
+    assert all(torch.equal(eager[k], graphed[k]) for k in eager)
+    assert any(v.abs().sum() > 0 for k, v in graphed.items() if k.endswith("lora_up.weight"))  # it trained
+
+
+def test_full_fine_tune_steps_inside_the_graph(tiny_ckpt, dataset, tmp_path):
+    """The brief's recipe without the fused pass: the whole optimizer step replays, no gradient buffers."""
+    from tests.integration.test_train import ADAFACTOR, base_args
+
+    def argv(out: Path) -> list[str]:
+        return [*base_args(tiny_ckpt, dataset, out), *ADAFACTOR, "--learning_rate", "1e-2", "--max_train_steps", "8",
+                "--save_model_as", "safetensors", "--save_precision", "float", "--train_batch_size", "2",
+                "--gradient_checkpointing"]
+
+    eager, graphed, log = train_twice("sdxl_train.py", argv, tmp_path, "ft.safetensors")
+    assert STEP_IN_GRAPH in log
+    initial = load_file(tiny_ckpt)
+    moved = [k for k in eager if k.startswith("model.diffusion_model.") and not torch.equal(eager[k], initial[k])]
+    assert len(moved) > 10 and all(torch.equal(eager[k], graphed[k]) for k in eager)

@@ -16,7 +16,7 @@ from library.training import fused_backward as FB
 from library.training import optim as O
 from library.training.cuda_graphs import GraphedLoss
 from tests import graph_emulator
-from tests.graph_scenarios import two_head_run
+from tests.graph_scenarios import two_head_adafactor_run, two_head_run
 
 BRIEF = O.parse_optimizer_args(["scale_parameter=False", "relative_step=False", "warmup_init=False"])
 SCALED = O.parse_optimizer_args(["scale_parameter=True", "relative_step=False", "beta1=0.9", "weight_decay=0.1"])
@@ -181,6 +181,22 @@ def test_the_headroom_grows_with_the_gradient_buffers():
     gib = 2**30
     assert 0.82 * gib < headroom_needed(int(4.78 * gib)) < 1.1 * gib
     assert headroom_needed(0) < headroom_needed(int(0.2 * gib)) < 0.3 * gib
+
+
+def test_an_optimizer_step_creating_state_while_capturing_is_not_used():
+    """The step inside the graph: head b's first gradient comes in a captured batch; its new optimizer
+    state would be graph memory, so that capture is refused and the run equals the eager one bit for bit."""
+    eager, _ = two_head_adafactor_run("cpu", graphed=False)
+    graphed, gl = two_head_adafactor_run("cpu", graphed=True)
+    assert gl.failed and not gl.graphs and not gl.grad_buffers and gl.buffers is None
+    assert _largest_difference(eager, graphed) == 0.0
+
+
+def test_step_inside_only_before_the_first_batch():
+    gl = GraphedLoss(lambda b: b["x"].sum(), lambda loss: None, [])
+    gl.seen.add(("x",))
+    with pytest.raises(RuntimeError, match="first batch"):
+        gl.step_inside(lambda loss: None, lambda: torch.zeros(()), dict)
 
 
 def test_a_graph_reaching_a_tensor_without_a_buffer_is_not_used():
