@@ -21,11 +21,13 @@ How a step runs here (:meth:`GraphedLoss.loss_and_backward`):
 * all graphs share one memory pool: their activations live only inside a replay, so several
   bucket shapes cost the memory of the largest one, not the sum.
 
-Full fine-tuning is graphed too: the U-Net's gradients land in the buffers like an adapter's
-(the memory an eager backward gives them). With ``--fused_backward_pass`` and Adafactor the
-optimizer steps run inside the graph's backward, reading their learning rates and step number from
-device tensors (``library.training.fused_backward``), so no gradient outlives the replay and there
-are no buffers (``grad_buffers=False``).
+Full fine-tuning is graphed too: the U-Net's gradients land in the buffers like an adapter's.
+The optimizer can replay inside the graph as well, reading the numbers that change per step from
+device tensors (``Adafactor.use_device_factors``), so no gradient outlives the replay and there are
+no buffers: with ``--fused_backward_pass`` and Adafactor each parameter's step runs in its gradient
+hook (``library.training.fused_backward``); without it, with the batched Adafactor, no accumulation
+and nothing trained outside the graph, clipping and the whole optimizer step follow the backward
+(:meth:`GraphedLoss.step_inside`, chosen by the trainer at the first batch).
 
 Only what is safe is graphed (:func:`graph_blocker`): one process, a CUDA device, no fp16
 GradScaler, no host-side randomness, no optimizer inside the backward unless it reads its

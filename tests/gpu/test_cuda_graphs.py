@@ -56,8 +56,10 @@ def assert_same_training(eager: dict, graphed: dict, log: str, captures: int = 2
 
 
 @pytest.mark.parametrize("extra", [(), ("--gradient_checkpointing",), ("--gradient_accumulation_steps", "2"),
-                                   ("--fp8_base", "--gradient_checkpointing")],
-                         ids=["plain", "checkpointing", "accumulation", "fp8_base"])
+                                   ("--fp8_base", "--gradient_checkpointing"),
+                                   ("--optimizer_type", "Adafactor", "--optimizer_args", "scale_parameter=False",
+                                    "relative_step=False", "warmup_init=False")],
+                         ids=["plain", "checkpointing", "accumulation", "fp8_base", "adafactor_step_inside"])
 def test_lora_graphed_equals_eager(tiny_ckpt, dataset, tmp_path, extra):
     eager, graphed, log = train_twice(
         "sdxl_train_network.py", lambda out: train_args(tiny_ckpt, dataset, out, 16, *extra)[1:], tmp_path,
