@@ -198,7 +198,8 @@ _PRECISION = [
          "resolution and batch size; without it each distinct shape compiles once (static, fastest kernels)."),
     opt("cuda_graphs", "Replay the U-Net forward, loss and backward (LoRA, LLLite, textual inversion, full "
         "fine-tuning) as a CUDA graph per batch shape, removing the host's kernel-launch time (the first batch "
-        "of each shape runs eagerly; with --fused_backward_pass and Adafactor the optimizer steps replay too). "
+        "of each shape runs eagerly; with Adafactor the optimizer step replays too, inside the backward with "
+        "--fused_backward_pass, else after it when gradients are not accumulated and no text encoder is trained). "
         "auto: on where safe (one CUDA process, no fp16 loss scaling, no host-side dropout choices, memory to "
         "spare after the eager steps (about 1 GiB for a full fine-tune); the log says why when off); off: always eager.",
         type=str, default="auto", choices=("auto", "off")),
