@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     main([str(out), "--seed", "0", "--images", "8"])
     return out
+
+
+@pytest.fixture()
+def dataset(tiny_model_dir, tmp_path) -> Path:
+    """A private copy of the tiny model's mixed-size DreamBooth images (caches stay out of the shared copy)."""
+    dst = tmp_path / "train"
+    shutil.copytree(tiny_model_dir / "train", dst)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ graphs are captured for more than one shape and replayed in mixed order.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = ["--mixed_precision", "bf16"]
-
-
-@pytest.fixture()
-def dataset(tiny_model_dir, tmp_path) -> Path:
-    dst = tmp_path / "train"
-    shutil.copytree(tiny_model_dir / "train", dst)
-    return dst
 
 
 def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict, str]:

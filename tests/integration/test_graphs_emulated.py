@@ -9,7 +9,6 @@ encoders inside and outside the graph); what only a GPU shows is left to the GPU
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,13 +35,6 @@ def emulated(monkeypatch):
         as_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=accelerator.num_processes)
         return real(cfg, as_gpu, method, fused)
     monkeypatch.setattr(cuda_graphs, "graph_blocker", blocker)
-
-
-@pytest.fixture()
-def dataset(tiny_model_dir, tmp_path) -> Path:
-    dst = tmp_path / "train"
-    shutil.copytree(tiny_model_dir / "train", dst)
-    return dst
 
 
 def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,14 +23,6 @@ TE_PREFIXES = ("conditioner.embedders.0.", "conditioner.embedders.1.")
 def one_thread(monkeypatch):
     """One intra-op thread per training process: on 2 shared CPU cores, OpenMP's spinning threads are ~20x slower."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture()
-def dataset(tiny_model_dir, tmp_path) -> Path:
-    """A private copy of the tiny model's DreamBooth images (caches stay out of the shared copy)."""
-    dst = tmp_path / "train"
-    shutil.copytree(tiny_model_dir / "train", dst)
-    return dst
 
 
 def base_args(ckpt: Path, data: Path, out: Path) -> list[str]:

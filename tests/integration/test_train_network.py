@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,14 +30,6 @@ def in_process(*train_args_values) -> tuple[str, list[str]]:
     """``run_main``'s (script, argv) for :func:`train_args` (the accelerate launch test is the real launch)."""
     script, *argv = train_args(*train_args_values)
     return script, argv
-
-
-@pytest.fixture()
-def dataset(tiny_model_dir, tmp_path) -> Path:
-    """A private copy of the tiny model's mixed-size DreamBooth images (caches stay out of the shared copy)."""
-    dst = tmp_path / "train"
-    shutil.copytree(tiny_model_dir / "train", dst)
-    return dst
 
 
 def test_end_to_end_under_accelerate_launch(tiny_ckpt, dataset, tmp_path):
