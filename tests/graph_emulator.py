@@ -9,7 +9,8 @@ sync while capturing raises, as CUDA does. What it does not model: the memory po
 while capturing never alias), stream semantics and the capture rules of particular kernels.
 
 ``install(monkeypatch)`` puts it in place of ``torch.cuda.CUDAGraph``, ``torch.cuda.graph`` and the
-few ``torch.cuda`` calls a capture makes around it.
+few ``torch.cuda`` calls a capture makes around it; ``answer_as_gpu(monkeypatch)`` makes the trainers'
+graph check see a CUDA device. ``tests/graphs_on_cpu.py`` does both in a launched script's processes.
 """
 
 from __future__ import annotations
@@ -99,3 +100,19 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: _capturing[0])
+
+
+def answer_as_gpu(monkeypatch) -> None:
+    """Let the trainers' graph check (``cuda_graphs.graph_blocker``) see a CUDA device; every other
+    reason to stay eager still counts."""
+    from types import SimpleNamespace
+
+    from library.training import cuda_graphs
+
+    real = cuda_graphs.graph_blocker
+
+    def blocker(cfg, accelerator, method, fused=None):
+        as_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=accelerator.num_processes,
+                                 distributed_type=getattr(accelerator, "distributed_type", "NO"))
+        return real(cfg, as_gpu, method, fused)
+    monkeypatch.setattr(cuda_graphs, "graph_blocker", blocker)

@@ -29,7 +29,8 @@ hook (``library.training.fused_backward``); without it, with the batched Adafact
 and nothing trained outside the graph, clipping and the whole optimizer step follow the backward
 (:meth:`GraphedLoss.step_inside`, chosen by the trainer at the first batch).
 
-Only what is safe is graphed (:func:`graph_blocker`): one process, a CUDA device, no fp16
+Only what is safe is graphed (:func:`graph_blocker`): a CUDA device, no gradient synchronised inside
+the backward (DDP; adapters on several processes are averaged after the replay), no fp16
 GradScaler, no host-side randomness, no optimizer inside the backward unless it reads its
 step-dependent numbers from the device; and only when the eager steps left room for a graph's memory
 (:func:`headroom_needed`). Any failure to capture falls back to eager steps for the rest of the
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 
 from library.errors import first_error
+from library.training.distributed import uses_wrappers
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ def graph_blocker(cfg: Any, accelerator: Any, method: Any, fused: Any = None) ->
         fused_why = fused.graph_blocker() if fused is not None and hasattr(fused, "graph_blocker") \
             else "the optimizer steps inside the backward"
     reasons = [
-        (accelerator.num_processes > 1, "several processes (gradients are synchronised inside the backward)"),
+        (synced_in_backward(accelerator, method, cfg.fused_backward_pass),
+         "several processes with wrapped models (DDP synchronises gradients inside the backward)"),
         (cfg.mixed_precision == "fp16", "fp16 mixed precision (the loss scale changes between steps)"),
         (fused_why is not None, fused_why),
         (cfg.cpu_offload_checkpointing, "--cpu_offload_checkpointing copies to host memory"),
@@ -113,6 +116,14 @@ def graph_blocker(cfg: Any, accelerator: Any, method: Any, fused: Any = None) ->
             return why
     method_reason = getattr(method, "cuda_graph_blocker", None)
     return method_reason(cfg.gradient_checkpointing) if method_reason is not None else None
+
+
+def synced_in_backward(accelerator: Any, method: Any, fused_backward_pass: bool) -> bool:
+    """Whether several processes synchronise gradients inside the backward through a wrapper (DDP,
+    FSDP, DeepSpeed), where a graph cannot replay it. Adapters on several processes are averaged by the
+    training loop after the backward (``distributed.GradientAverager``), outside the graph, so their
+    steps are graphed as on one GPU; the fused pass's own averaging is :meth:`FusedBackward.graph_blocker`'s."""
+    return accelerator.num_processes > 1 and uses_wrappers(accelerator, method, fused_backward_pass)
 
 
 #: adapter modules whose forward is known to do nothing on the host that changes from step to step

@@ -10,13 +10,11 @@ encoders inside and outside the graph); what only a GPU shows is left to the GPU
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.training import cuda_graphs
 from tests import graph_emulator
 from tests.conftest import run_main
 from tests.integration.test_train_network import train_args
@@ -29,12 +27,7 @@ pytestmark = pytest.mark.slow
 def emulated(monkeypatch):
     """Graphs on a CPU: the emulation, and the device check answered as on a GPU."""
     graph_emulator.install(monkeypatch)
-    real = cuda_graphs.graph_blocker
-
-    def blocker(cfg, accelerator, method, fused=None):
-        as_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=accelerator.num_processes)
-        return real(cfg, as_gpu, method, fused)
-    monkeypatch.setattr(cuda_graphs, "graph_blocker", blocker)
+    graph_emulator.answer_as_gpu(monkeypatch)
 
 
 def train_twice(script: str, make_argv, tmp_path: Path, out_file: str) -> tuple[dict, dict, str]:

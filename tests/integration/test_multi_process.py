@@ -1,7 +1,8 @@
 """Trainers under ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo), against one process.
 
-Five two-process launches in all (each costs two interpreter starts and two model loads):
-LoRA straight, LoRA resumed, full fine-tune, textual inversion, ControlNet-LLLite. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
+Six two-process launches in all (each costs two interpreter starts and two model loads):
+LoRA straight, LoRA resumed, LoRA with graphed steps (the CPU graph emulation), full fine-tune,
+textual inversion, ControlNet-LLLite. ``SDXL_TRAINER_WEIGHT_HASH_DIR`` makes each process
 write the hash of its trained weights after every optimizer step, so "identical on both processes
 after every step" is checked step by step, not only at the end.
 """
@@ -42,12 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(script: str, args: list[str], hash_dir: Path, monkeypatch):
-    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on the CPU), hashes into ``hash_dir``."""
+def launch_two(script: str, args: list[str], hash_dir: Path, monkeypatch, graphs: bool = False):
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on the CPU), hashes into ``hash_dir``;
+    ``graphs``: the steps replayed by the CPU graph emulation (tests/graphs_on_cpu.py)."""
     monkeypatch.setenv("SDXL_TRAINER_WEIGHT_HASH_DIR", str(hash_dir))
+    wrapper = ["tests/graphs_on_cpu.py"] if graphs else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), script, *args]
+           "--main_process_port", str(_free_port()), *wrapper, script, *args]
     r = run_script(cmd, timeout=600)
     monkeypatch.delenv("SDXL_TRAINER_WEIGHT_HASH_DIR")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -145,6 +148,27 @@ def test_lora_two_processes_equal_one_process_and_resume_exactly(tiny_ckpt, tiny
     c = load_file(out3 / "lora.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
     assert metadata(out3 / "lora.safetensors")["ss_steps"] == "4"
+
+
+def test_lora_steps_graphed_on_two_processes_equal_eager_ones(tiny_ckpt, tiny_model_dir, tmp_path, monkeypatch):
+    """With several processes an adapter's steps are CUDA graphs as on one GPU: each process replays its
+    forward and backward, and the loop averages the gradient buffers after the replay (the CPU emulation
+    stands in for the GPU's graphs). Every step's weights equal the eager two-process run's bit for bit
+    (which equals one process, above)."""
+    args = ["--max_train_steps", "6", "--gradient_checkpointing"]
+    weights, hashes = {}, {}
+    for graphs in (False, True):
+        data = copy_data(tiny_model_dir, tmp_path / f"d{graphs}")
+        out, hash_dir = tmp_path / f"out{graphs}", tmp_path / f"h{graphs}"
+        r = launch_two("sdxl_train_network.py", lora_args(tiny_ckpt, data, out, *args), hash_dir, monkeypatch,
+                       graphs=graphs)
+        weights[graphs], hashes[graphs] = load_file(out / "lora.safetensors"), step_hashes(hash_dir)
+    assert r.stderr.count("CUDA graphs on") == 2, r.stderr[-4000:]  # in each process
+    # the data has two bucket shapes, so a process captures at most two graphs: three or more is both processes
+    assert r.stderr.count("captured a CUDA graph") >= 3 and "capture failed" not in r.stderr, r.stderr[-4000:]
+    assert hashes[True][0] == hashes[True][1] == hashes[False][0] and len(hashes[True][0]) == 6
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
 
 
 def assert_one_checkpoint_equal(r, out1: Path, out2: Path, base_ckpt: Path, atol: float) -> None:

@@ -26,7 +26,8 @@ def cfg(**changes):
 
 
 CUDA = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
-FULL_FT = SimpleNamespace(unet_weights_trained=True)
+FULL_FT = SimpleNamespace(unet_weights_trained=True, forwards_through_prepared=True)  # DDP wraps its models
+ADAPTER = SimpleNamespace(unet_weights_trained=False)  # patched into the frozen U-Net; the loop averages
 
 
 def fused(optimizer_type: str, args: dict) -> FB.FusedBackward:
@@ -53,7 +54,18 @@ def test_what_always_stays_eager():
     cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
     two = SimpleNamespace(device=torch.device("cuda"), num_processes=2)
     assert graph_blocker(cfg(), cpu, FULL_FT) == "not on a CUDA device"
-    assert "several processes" in graph_blocker(cfg(), two, FULL_FT)
+    assert "several processes with wrapped models" in graph_blocker(cfg(), two, FULL_FT)
     assert graph_blocker(cfg(cuda_graphs="off"), CUDA, FULL_FT) == "--cuda_graphs off"
     assert "fp16" in graph_blocker(cfg(mixed_precision="fp16"), CUDA, FULL_FT)
     assert "DeepSpeed" in graph_blocker(cfg(deepspeed=True), CUDA, FULL_FT)
+
+
+def test_adapters_on_several_processes_are_graphed_unless_averaged_inside_the_backward():
+    """Adapter gradients are averaged after the replay (the loop's GradientAverager): graphed as on one
+    GPU. DDP's hooks and the fused pass's per-gradient averaging run inside the backward: eager."""
+    two = SimpleNamespace(device=torch.device("cuda"), num_processes=2)
+    assert graph_blocker(cfg(), two, ADAPTER) is None
+    assert graph_blocker(cfg(gradient_accumulation_steps=2), two, ADAPTER) is None
+    averaging = FB.FusedBackward(fused("Adafactor", ADAFACTOR).optimizer, grad_reduce=lambda p: None)
+    on = cfg(fused_backward_pass=True)
+    assert "averages gradients across processes" in graph_blocker(on, two, FULL_FT, averaging)
