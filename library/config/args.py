@@ -200,7 +200,8 @@ _PRECISION = [
         "fine-tuning) as a CUDA graph per batch shape, removing the host's kernel-launch time (the first batch "
         "of each shape runs eagerly; with Adafactor the optimizer step replays too, inside the backward with "
         "--fused_backward_pass, else after it when gradients are not accumulated and no text encoder is trained). "
-        "auto: on where safe (one CUDA process, no fp16 loss scaling, no host-side dropout choices, memory to "
+        "auto: on where safe (CUDA; on several GPUs for adapters, whose gradients are averaged after the replay, "
+        "not for DDP-wrapped full fine-tuning; no fp16 loss scaling, no host-side dropout choices, memory to "
         "spare after the eager steps (about 1 GiB for a full fine-tune); the log says why when off); off: always eager.",
         type=str, default="auto", choices=("auto", "off")),
     flag("fused_backward_pass", "Step the optimizer for each parameter inside the backward pass, freeing its "
