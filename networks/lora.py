@@ -37,6 +37,17 @@ _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", 
                                                 "float8_e5m2fnuz") if hasattr(torch, n))
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear/Conv computes ``x`` in: autocast's where it is on, else ``x``'s own.
+
+    Under autocast the activations reaching a layer are often fp32 (normalisations run in fp32) while the
+    matmul runs in bf16/fp16: an fp8 weight upcast to fp32 first would be a 4-byte copy of every weight
+    that autocast then casts again (fp8 values are exact in bf16/fp16 and fp32, so the result is the same).
+    """
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class LoRAModule(HookedModule):
     """A low-rank update of one Linear/Conv2d, applied by replacing that module's forward."""
 
@@ -83,9 +94,10 @@ class LoRAModule(HookedModule):
 
     def _org_call(self, x: torch.Tensor) -> torch.Tensor:
         org = self.org_module
-        if org.weight.dtype in _FP8_DTYPES:  # fp8-stored base: upcast to the activation dtype
-            w = org.weight.to(x.dtype)
-            b = None if org.bias is None else org.bias.to(x.dtype)
+        if org.weight.dtype in _FP8_DTYPES:  # fp8-stored base: upcast to the dtype the layer computes in
+            dtype = _compute_dtype(x)
+            w = org.weight.to(dtype)
+            b = None if org.bias is None else org.bias.to(dtype)
             if self.is_conv:
                 return F.conv2d(x, w, b, org.stride, org.padding, org.dilation, org.groups)
             return F.linear(x, w, b)

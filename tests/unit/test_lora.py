@@ -204,6 +204,41 @@ def test_fp8_base_weight_with_bf16_activations():
     assert torch.allclose(out.float(), (ref(x) + delta).float(), atol=2e-2)
 
 
+def test_fp8_base_under_autocast_upcasts_once_to_the_compute_dtype():
+    """fp32 activations under autocast (after a normalisation) reach an fp8 layer: its weight goes
+    straight to bf16, the dtype the matmul runs in, with no fp32 copy between, and the result is what
+    upcasting through fp32 gave (fp8 values are exact in both)."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = torch.nn.Linear(16, 12)
+    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    module = lora.LoRAModule("f", layer, lora_dim=2, alpha=2)
+    torch.nn.init.normal_(module.lora_up.weight)
+    module.apply_to()
+    x = torch.randn(3, 16)  # fp32, as a LayerNorm's output under autocast
+
+    class Casts(TorchDispatchMode):
+        made: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default:
+                self.made.append((tuple(out.shape), out.dtype))
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+        out = layer(x)
+    assert ((12, 16), torch.float32) not in casts.made and ((12, 16), torch.bfloat16) in casts.made
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the old way: through an fp32 copy
+        base = torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float())
+        delta = module.lora_up(module.lora_down(x))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.add(base, delta, alpha=module.scale))
+
+
 def test_merge_to_equals_hooked_unet(tiny):
     inputs, ids = _unet_inputs(tiny), _ids()
     net = _net(tiny, conv_dim="4", conv_alpha="2")
