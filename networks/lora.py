@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from library.models.fp8 import FP8_DTYPES, compute_dtype
 from networks.lora_args import NUM_BLOCKS, dropout_probability, parse_network_args
 from networks.lora_files import UNET_PREFIX, load_lora_file, normalize_lora_keys
 from networks.protocol import AdapterNetwork, HookedModule
@@ -33,21 +34,6 @@ logger = logging.getLogger(__name__)
 UNET_TARGET_MODULES = ("Transformer2DModel",)
 UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                                "float8_e5m2fnuz") if hasattr(torch, n))
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a Linear/Conv computes ``x`` in: autocast's where it is on, else ``x``'s own.
-
-    Under autocast the activations reaching a layer are often fp32 (normalisations run in fp32) while the
-    matmul runs in bf16/fp16: an fp8 weight upcast to fp32 first would be a 4-byte copy of every weight
-    that autocast then casts again (fp8 values are exact in bf16/fp16 and fp32, so the result is the same).
-    """
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
 class LoRAModule(HookedModule):
     """A low-rank update of one Linear/Conv2d, applied by replacing that module's forward."""
 
@@ -94,8 +80,8 @@ class LoRAModule(HookedModule):
 
     def _org_call(self, x: torch.Tensor) -> torch.Tensor:
         org = self.org_module
-        if org.weight.dtype in _FP8_DTYPES:  # fp8-stored base: upcast to the dtype the layer computes in
-            dtype = _compute_dtype(x)
+        if org.weight.dtype in FP8_DTYPES:  # fp8-stored base: upcast to the dtype the layer computes in
+            dtype = compute_dtype(x)
             w = org.weight.to(dtype)
             b = None if org.bias is None else org.bias.to(dtype)
             if self.is_conv:

@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 def apply_fp8(unet: torch.nn.Module) -> None:
-    """Store the frozen U-Net's Linear/Conv weights as float8_e4m3fn; autocast computes in bf16/fp16."""
+    """Store the frozen U-Net's Linear/Conv weights as float8_e4m3fn; each layer upcasts its weight to
+    bf16/fp16 when called (library.models.fp8), so the U-Net needs no autocast."""
     if not hasattr(torch, "float8_e4m3fn"):
         raise UserError("--fp8_base needs torch >= 2.1")
-    for module in unet.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+    from library.models.fp8 import store_in_fp8
+
+    store_in_fp8(unet)
 
 
 def common_metadata(run: TrainingRun, kind: str, epoch: int, step: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ import torch
 
 from library.inference.pipeline import SDXLGenerator, save_image
 from library.inference.prompts import load_prompt_file
+from library.models.fp8 import FP8_DTYPES
 from library.training.trainer import TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def sample_images(run: TrainingRun, opts: SampleOptions, epoch: int, step: int,
     specs = load_prompt_file(opts.prompts_file)
     out_dir = Path(run.cfg.output_dir) / "sample"
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet_dtype = next(p.dtype for p in models.unet.parameters() if p.dtype != getattr(torch, "float8_e4m3fn", None))
+    unet_dtype = next(p.dtype for p in models.unet.parameters() if p.dtype not in FP8_DTYPES)
     generator = SDXLGenerator(models.unet, models.vae, [models.text_encoder1, models.text_encoder2],
                               [run.conditioner.tokenizer1, run.conditioner.tokenizer2], dtype=unet_dtype,
                               vae_dtype=next(models.vae.parameters()).dtype, device=device,

@@ -24,6 +24,7 @@ from library.data.dataset import make_dataloader
 from library.diffusion import losses, noise
 from library.diffusion.conditioning import TextConditioner, time_ids, unet_added_cond
 from library.errors import UserError
+from library.models.fp8 import needs_autocast
 from library.models.sdxl import VAE_SCALE_FACTOR, SDXLModels
 from library.training import checkpointing as ckpt
 from library.training import save_guard, state_io
@@ -238,7 +239,7 @@ class Trainer:
     def _unet_is_mixed(self) -> bool:
         if self._unet_mixed is None:
             unet = self.run.accelerator.unwrap_model(self.run.models.unet)
-            self._unet_mixed = {p.dtype for p in unet.parameters()} != {self.run.weight_dtype}  # fp8 base: mixed
+            self._unet_mixed = needs_autocast(unet, self.run.weight_dtype)  # fp8 layers upcast themselves
         return self._unet_mixed
 
     def unet_autocast(self):
@@ -246,6 +247,7 @@ class Trainer:
 
         A frozen U-Net stored in bf16/fp16 (LoRA, full_bf16) needs no autocast: skipping it saves the
         fp32 copies autocast makes around normalisation layers (~1.5 GB at 1024^2) and the cast kernels.
+        Nor does one stored in fp8 (``--fp8_base``): its layers upcast their own weights.
         """
         if self._unet_is_mixed():
             return self.run.accelerator.autocast()
