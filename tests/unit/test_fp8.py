@@ -9,9 +9,6 @@ import torch
 
 from library.models import fp8
 
-pytestmark = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 in this torch")
-
-
 @pytest.fixture(scope="module")
 def unet():
     from library.models.presets import build_random

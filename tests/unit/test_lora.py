@@ -187,8 +187,6 @@ def test_conv_lora_merge_matches_hook():
 
 
 def test_fp8_base_weight_with_bf16_activations():
-    if not hasattr(torch, "float8_e4m3fn"):
-        pytest.skip("no float8 in this torch")
     layer = torch.nn.Linear(8, 8)
     ref = torch.nn.Linear(8, 8)
     layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
@@ -208,8 +206,6 @@ def test_fp8_base_under_autocast_upcasts_once_to_the_compute_dtype():
     """fp32 activations under autocast (after a normalisation) reach an fp8 layer: its weight goes
     straight to bf16, the dtype the matmul runs in, with no fp32 copy between, and the result is what
     upcasting through fp32 gave (fp8 values are exact in both)."""
-    if not hasattr(torch, "float8_e4m3fn"):
-        pytest.skip("no float8 in this torch")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     layer = torch.nn.Linear(16, 12)

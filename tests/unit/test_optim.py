@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib.abc
 import io
 import math
 import pickle
+import sys
 
 import pytest
 import torch
@@ -116,16 +117,32 @@ def test_adafactor_scheduler_needs_adafactor():
         O.build_lr_scheduler("adafactor", opt, 100, 0)
 
 
-_MISSING_BNB = importlib.util.find_spec("bitsandbytes") is None
+class _Missing(importlib.abc.MetaPathFinder):
+    """Finds nothing for one top-level package: importing it fails as when it is not installed."""
+
+    def __init__(self, package: str):
+        self.package = package
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] == self.package:
+            raise ModuleNotFoundError(f"No module named {self.package!r}", name=self.package)
+        return None
 
 
-@pytest.mark.skipif(not _MISSING_BNB, reason="bitsandbytes is installed")
+def hide_package(monkeypatch, package: str) -> None:
+    """Make ``package`` import as if it were not installed, whether or not it is on this machine."""
+    for name in [n for n in sys.modules if n.split(".")[0] == package]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_Missing(package), *sys.meta_path])
+
+
 @pytest.mark.parametrize(
     "name",
     ["AdamW8bit", "adamw8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion8bit", "PagedLion8bit",
      "SGDNesterov8bit", "RMSprop8bit", "Adagrad8bit", "bitsandbytes.optim.AdEMAMix8bit"],
 )
-def test_8bit_optimizers_without_bitsandbytes_say_how_to_install(name):
+def test_8bit_optimizers_without_bitsandbytes_say_how_to_install(name, monkeypatch):
+    hide_package(monkeypatch, "bitsandbytes")
     with pytest.raises(UserError) as info:
         O.build_optimizer(name, _params(), 1e-3, {})
     message = str(info.value)
@@ -137,10 +154,9 @@ def test_8bit_optimizers_without_bitsandbytes_say_how_to_install(name):
     [("DAdaptation", "dadaptation"), ("DAdaptAdam", "dadaptation"), ("dadaptlion", "dadaptation"),
      ("Prodigy", "prodigyopt"), ("Lion", "lion-pytorch"), ("AdamWScheduleFree", "schedulefree")],
 )
-def test_optional_packages_say_how_to_install(name, package):
+def test_optional_packages_say_how_to_install(name, package, monkeypatch):
     module = {"lion-pytorch": "lion_pytorch"}.get(package, package)
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{package} is installed")
+    hide_package(monkeypatch, module)
     with pytest.raises(UserError, match=f"pip install {package}"):
         O.build_optimizer(name, _params(), 1.0, {})
 
