@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 UNET_TARGET_MODULES = ("Transformer2DModel",)
 UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
 class LoRAModule(HookedModule):
     """A low-rank update of one Linear/Conv2d, applied by replacing that module's forward."""
 
@@ -80,7 +82,9 @@ class LoRAModule(HookedModule):
 
     def _org_call(self, x: torch.Tensor) -> torch.Tensor:
         org = self.org_module
-        if org.weight.dtype in FP8_DTYPES:  # fp8-stored base: upcast to the dtype the layer computes in
+        # an fp8-stored base: upcast to the dtype the layer computes in (also for a plain Linear/Conv2d holding
+        # fp8 weights, which library.models.fp8.store_in_fp8 did not make upcasting)
+        if org.weight.dtype in FP8_DTYPES:
             dtype = compute_dtype(x)
             w = org.weight.to(dtype)
             b = None if org.bias is None else org.bias.to(dtype)
